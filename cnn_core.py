@@ -29,6 +29,7 @@ import os
 import sys
 import tempfile
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -68,7 +69,8 @@ def check_input(x, layer, layout=None, channels=None):
         raise ValueError(f"{layer}: expected floating-point input, got dtype {x.dtype}; "
                          "convert images first, e.g. x.astype(np.float32) / 255")
     if channels is not None and x.shape[1] != channels:
-        raise ValueError(f"{layer}: expected {channels} input channels ({layout}), "
+        what = "input features" if layout[1] == "D" else "input channels"
+        raise ValueError(f"{layer}: expected {channels} {what} ({layout}), "
                          f"got shape {x.shape}")
 
 
@@ -832,8 +834,13 @@ class Sequential:
     @classmethod
     def load(cls, path):
         """Rebuild a model written by ``save``."""
-        with np.load(path, allow_pickle=False) as data:
-            return cls.from_arrays(dict(data))
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = dict(data)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            raise ValueError(f"{path}: not a readable .npz model file ({err}); "
+                             "save the model again") from err
+        return cls.from_arrays(arrays)
 
 
 def mnist_cnn(impl="vectorized", seed=0, dtype=DEFAULT_DTYPE, channels=(32, 64), kernel_size=3,
@@ -1128,6 +1135,7 @@ def fit(model, x, y, optimizer, epochs, batch_size=64, validation=None, schedule
     """
     if len(x) == 0 or len(x) != len(y):
         raise ValueError(f"fit: need as many labels as inputs and at least one, got x {np.shape(x)}, y {np.shape(y)}")
+    log = log or (lambda message: None)
     loss_fn, rng = SoftmaxCrossEntropy(), np.random.default_rng(seed)
     history, start = History(), 0
     if checkpoint is not None and os.path.exists(checkpoint):
@@ -1168,8 +1176,7 @@ def fit(model, x, y, optimizer, epochs, batch_size=64, validation=None, schedule
             history.val_loss.append(val_loss)
             history.val_acc.append(val_acc)
             message += f", val_loss {val_loss:.4f}, val_acc {val_acc:.4f}"
-        if log is not None:
-            log(message + f" ({history.seconds[-1]:.1f} s)")
+        log(message + f" ({history.seconds[-1]:.1f} s)")
         if checkpoint is not None:
             save_npz(checkpoint, _checkpoint_arrays(model, optimizer, history, epoch + 1, rng))
     return history

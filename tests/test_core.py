@@ -1,0 +1,465 @@
+"""Tests of cnn_core: agreement of loop and vectorized layers, finite-difference
+gradient checks (float64), metrics and optimisers on hand-computed examples,
+error messages, saving, checkpoint/resume and dtypes."""
+import os
+
+import numpy as np
+import pytest
+
+import cnn_core as C
+
+F64 = np.float64
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+def numeric_grad(f, a, h=1e-6):
+    """Central differences of the scalar function f() with respect to array a."""
+    grad = np.zeros_like(a)
+    for idx in np.ndindex(a.shape):
+        old = a[idx]
+        a[idx] = old + h
+        plus = f()
+        a[idx] = old - h
+        minus = f()
+        a[idx] = old
+        grad[idx] = (plus - minus) / (2 * h)
+    return grad
+
+
+def rel_error(analytic, numeric):
+    """||a - n|| / (||a|| + ||n||): 0 for equal arrays, scale-free otherwise."""
+    denom = np.linalg.norm(analytic) + np.linalg.norm(numeric)
+    return np.linalg.norm(analytic - numeric) / max(denom, 1e-12)
+
+
+def gradient_errors(layer, x, seed=0):
+    """Relative errors of the input gradient and every parameter gradient of
+    ``layer`` for the loss L = sum(layer(x) * R) with a random R."""
+    rng = np.random.default_rng(seed)
+    R = rng.standard_normal(layer.forward(x).shape)
+    reset = getattr(layer, "rng", None) and np.random.default_rng(123)
+
+    def loss():
+        if reset is not None:       # same dropout mask on every call
+            layer.rng = np.random.default_rng(123)
+        return float(np.sum(layer.forward(x, training=True) * R))
+
+    loss()
+    analytic = {"x": layer.backward(R)}
+    analytic.update({k: v.copy() for k, v in layer.grads.items()})
+    arrays = {"x": x, **layer.params}
+    return {name: rel_error(analytic[name], numeric_grad(loss, arrays[name])) for name in arrays}
+
+
+def random_conv_cases(count, seed=0):
+    """Random (N, C, H, W, F, kh, kw, stride, padding) with stride 1-3,
+    padding 0-2, non-square kernels and inputs, odd sizes."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    while len(cases) < count:
+        kh, kw = rng.integers(1, 5, size=2)
+        stride, padding = int(rng.integers(1, 4)), int(rng.integers(0, 3))
+        H, W = rng.integers(max(kh, kw), 10, size=2)
+        N, Cin, F = int(rng.integers(1, 4)), int(rng.integers(1, 4)), int(rng.integers(1, 5))
+        cases.append((N, Cin, int(H), int(W), F, int(kh), int(kw), stride, padding))
+    return cases
+
+
+# ---------------------------------------------------------------------------
+# loop and vectorized implementations agree
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", random_conv_cases(12))
+def test_conv_loop_matches_vectorized(case):
+    N, Cin, H, W, F, kh, kw, stride, padding = case
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((N, Cin, H, W))
+    loop = C.Conv2D(Cin, F, (kh, kw), stride, padding, impl="loop", seed=2, dtype=F64)
+    vec = C.Conv2D(Cin, F, (kh, kw), stride, padding, impl="vectorized", seed=2, dtype=F64)
+    out_loop, out_vec = loop.forward(x), vec.forward(x)
+    assert out_loop.shape == out_vec.shape == (
+        N, F, C.output_size(H, kh, stride, padding), C.output_size(W, kw, stride, padding))
+    np.testing.assert_allclose(out_vec, out_loop, rtol=1e-12, atol=1e-12)
+    dout = rng.standard_normal(out_loop.shape)
+    np.testing.assert_allclose(vec.backward(dout), loop.backward(dout), rtol=1e-12, atol=1e-12)
+    for name in ("W", "b"):
+        np.testing.assert_allclose(vec.grads[name], loop.grads[name], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("pool_cls", [C.MaxPool2D, C.AvgPool2D])
+@pytest.mark.parametrize("pool,stride,shape", [
+    (2, None, (2, 3, 8, 8)), (2, None, (1, 2, 7, 9)),       # odd sizes: last row/column dropped
+    (3, 2, (2, 2, 9, 7)),                                   # overlapping windows
+    ((2, 3), 1, (1, 2, 5, 6)), ((3, 1), (2, 3), (2, 1, 8, 7))])
+def test_pool_loop_matches_vectorized(pool_cls, pool, stride, shape):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape)
+    loop, vec = pool_cls(pool, stride, impl="loop"), pool_cls(pool, stride)
+    out_loop, out_vec = loop.forward(x), vec.forward(x)
+    np.testing.assert_allclose(out_vec, out_loop, rtol=1e-12, atol=1e-12)
+    dout = rng.standard_normal(out_loop.shape)
+    np.testing.assert_allclose(vec.backward(dout), loop.backward(dout), rtol=1e-12, atol=1e-12)
+
+
+def test_maxpool_overlapping_windows_add_gradients_and_ties_pick_the_first():
+    # A single large value shared by 4 overlapping 3x3/2 windows receives all four gradients.
+    x = np.zeros((1, 1, 5, 5))
+    x[0, 0, 2, 2] = 5.0
+    for impl in C.IMPLS:
+        pool = C.MaxPool2D(3, 2, impl=impl)
+        np.testing.assert_array_equal(pool.forward(x), np.full((1, 1, 2, 2), 5.0))
+        dx = pool.backward(np.array([[[[1.0, 2.0], [3.0, 4.0]]]]))
+        assert dx[0, 0, 2, 2] == 10.0 and dx.sum() == 10.0
+        # all-equal window: the gradient goes to the first element only
+        tie = C.MaxPool2D(2, impl=impl)
+        tie.forward(np.ones((1, 1, 2, 2)))
+        np.testing.assert_array_equal(tie.backward(np.ones((1, 1, 1, 1)))[0, 0], [[1, 0], [0, 0]])
+
+
+@pytest.mark.parametrize("layer_cls", [C.ReLU, C.LeakyReLU, C.Sigmoid, C.Tanh])
+def test_activation_loop_matches_vectorized(layer_cls):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 2, 4, 5)) * 3
+    loop, vec = layer_cls(impl="loop"), layer_cls()
+    np.testing.assert_allclose(vec.forward(x), loop.forward(x), rtol=1e-14)
+    dout = rng.standard_normal(x.shape)
+    np.testing.assert_allclose(vec.backward(dout), loop.backward(dout), rtol=1e-14)
+
+
+def test_dense_loop_matches_vectorized():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 7))
+    loop, vec = (C.Dense(7, 3, impl=i, seed=1, dtype=F64) for i in C.IMPLS)
+    np.testing.assert_allclose(vec.forward(x), loop.forward(x), rtol=1e-12)
+    dout = rng.standard_normal((4, 3))
+    np.testing.assert_allclose(vec.backward(dout), loop.backward(dout), rtol=1e-12)
+    for name in ("W", "b"):
+        np.testing.assert_allclose(vec.grads[name], loop.grads[name], rtol=1e-12)
+
+
+def test_sequential_set_impl_gives_the_same_network_output():
+    model = C.mnist_cnn(dtype=F64, channels=(2, 3), hidden=5)
+    x = np.random.default_rng(6).standard_normal((2, 1, 28, 28))
+    fast = model.forward(x, training=False)
+    slow = model.set_impl("loop").forward(x, training=False)
+    np.testing.assert_allclose(slow, fast, rtol=1e-10)
+
+
+# ---------------------------------------------------------------------------
+# finite-difference gradient checks (float64)
+# ---------------------------------------------------------------------------
+
+TOLERANCE = 1e-6
+
+
+@pytest.mark.parametrize("impl", C.IMPLS)
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), ((2, 3), 2, 0), ((3, 2), 3, 2)])
+def test_conv_gradients(impl, kernel, stride, padding):
+    x = np.random.default_rng(7).standard_normal((2, 2, 7, 6))
+    layer = C.Conv2D(2, 3, kernel, stride, padding, impl=impl, seed=8, dtype=F64)
+    errors = gradient_errors(layer, x)
+    assert set(errors) == {"x", "W", "b"}
+    assert max(errors.values()) < TOLERANCE, errors
+
+
+@pytest.mark.parametrize("impl", C.IMPLS)
+@pytest.mark.parametrize("layer_factory", [
+    lambda impl: C.MaxPool2D(2, impl=impl), lambda impl: C.MaxPool2D(3, 2, impl=impl),
+    lambda impl: C.AvgPool2D(2, impl=impl), lambda impl: C.AvgPool2D((3, 2), (2, 1), impl=impl),
+    lambda impl: C.ReLU(impl=impl), lambda impl: C.LeakyReLU(0.1, impl=impl),
+    lambda impl: C.Sigmoid(impl=impl), lambda impl: C.Tanh(impl=impl)])
+def test_parameter_free_layer_gradients(impl, layer_factory):
+    x = np.random.default_rng(9).standard_normal((2, 2, 6, 5))
+    errors = gradient_errors(layer_factory(impl), x)
+    assert errors["x"] < TOLERANCE, errors
+
+
+@pytest.mark.parametrize("impl", C.IMPLS)
+def test_dense_gradients(impl):
+    x = np.random.default_rng(10).standard_normal((3, 5))
+    errors = gradient_errors(C.Dense(5, 4, impl=impl, seed=3, dtype=F64), x)
+    assert max(errors.values()) < TOLERANCE, errors
+
+
+def test_flatten_and_dropout_gradients():
+    x = np.random.default_rng(11).standard_normal((3, 2, 3, 2))
+    assert gradient_errors(C.Flatten(), x)["x"] < TOLERANCE
+    assert gradient_errors(C.Dropout(0.4), x)["x"] < TOLERANCE
+
+
+def test_softmax_cross_entropy_gradient_and_value():
+    rng = np.random.default_rng(12)
+    logits, labels = rng.standard_normal((4, 5)), np.array([0, 3, 4, 1])
+    loss_fn = C.SoftmaxCrossEntropy()
+    loss = loss_fn.forward(logits, labels)
+    expected = -np.mean(np.log(C.softmax(logits)[np.arange(4), labels]))
+    assert loss == pytest.approx(expected, rel=1e-12)
+    dlogits = loss_fn.backward()
+    numeric = numeric_grad(lambda: C.SoftmaxCrossEntropy().forward(logits, labels), logits)
+    assert rel_error(dlogits, numeric) < TOLERANCE
+
+
+def test_softmax_cross_entropy_is_stable_for_huge_logits():
+    logits = np.array([[1e4, 0.0, -1e4], [-1e4, 1e4, 1e4]], dtype=np.float32)
+    loss_fn = C.SoftmaxCrossEntropy()
+    loss = loss_fn.forward(logits, np.array([0, 2]))
+    assert np.isfinite(loss) and loss == pytest.approx(np.log(2) / 2, rel=1e-5)
+    assert np.all(np.isfinite(loss_fn.backward()))
+    np.testing.assert_allclose(C.softmax(logits).sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_whole_network_gradient():
+    """Every parameter of a small network with every layer type, and its input."""
+    model = C.Sequential([
+        C.Conv2D(2, 3, 3, padding=1, dtype=F64), C.ReLU(), C.MaxPool2D(2),
+        C.Conv2D(3, 4, (2, 3), stride=2, padding=1, dtype=F64), C.Tanh(), C.AvgPool2D((2, 1)),
+        C.Flatten(), C.Dense(8, 6, dtype=F64), C.LeakyReLU(0.05), C.Dropout(0.3),
+        C.Dense(6, 6, dtype=F64), C.Sigmoid(), C.Dense(6, 4, dtype=F64)], seed=1)
+    rng = np.random.default_rng(13)
+    x, y = rng.standard_normal((3, 2, 8, 8)), np.array([0, 3, 1])
+    dropout = model.layers[9]
+
+    def loss():
+        dropout.rng = np.random.default_rng(5)
+        return C.SoftmaxCrossEntropy().forward(model.forward(x, training=True), y)
+
+    loss_fn = C.SoftmaxCrossEntropy()
+    dropout.rng = np.random.default_rng(5)
+    loss_fn.forward(model.forward(x, training=True), y)
+    dx = model.backward(loss_fn.backward())
+    errors = {"x": rel_error(dx, numeric_grad(loss, x))}
+    for key, param, grad in model.parameters():
+        errors[key] = rel_error(grad, numeric_grad(loss, param))
+    assert len(errors) == 1 + 2 * 5
+    assert max(errors.values()) < TOLERANCE, errors
+
+
+# ---------------------------------------------------------------------------
+# metrics (hand-computed)
+# ---------------------------------------------------------------------------
+
+Y_TRUE = np.array([0, 0, 1, 1, 2, 2, 2])
+Y_PRED = np.array([0, 1, 1, 1, 2, 0, 1])
+
+
+def test_confusion_matrix_and_accuracy():
+    np.testing.assert_array_equal(C.confusion_matrix(Y_TRUE, Y_PRED), [[1, 1, 0], [0, 2, 0], [1, 1, 1]])
+    assert C.accuracy(Y_TRUE, Y_PRED) == pytest.approx(4 / 7)
+
+
+def test_classification_report_by_hand():
+    r = C.classification_report(Y_TRUE, Y_PRED, class_names=["a", "b", "c"])
+    np.testing.assert_allclose(r["precision"], [1 / 2, 2 / 4, 1 / 1])
+    np.testing.assert_allclose(r["recall"], [1 / 2, 2 / 2, 1 / 3])
+    np.testing.assert_allclose(r["f1"], [0.5, 2 / 3, 0.5])
+    np.testing.assert_array_equal(r["support"], [2, 2, 3])
+    assert r["macro"]["precision"] == pytest.approx(2 / 3)
+    assert r["macro"]["recall"] == pytest.approx((0.5 + 1 + 1 / 3) / 3)
+    assert r["weighted"]["recall"] == pytest.approx(4 / 7)       # weighted recall is accuracy
+    assert r["weighted"]["precision"] == pytest.approx((2 * 0.5 + 2 * 0.5 + 3 * 1) / 7)
+    assert r["accuracy"] == pytest.approx(4 / 7)
+    text = C.format_report(r)
+    assert "macro avg" in text and "0.6667" in text
+
+
+def test_classes_without_predictions_do_not_divide_by_zero():
+    with np.errstate(all="raise"):
+        r = C.classification_report(np.array([0, 1, 1]), np.array([1, 1, 1]), num_classes=4)
+    np.testing.assert_allclose(r["precision"], [0, 2 / 3, 0, 0])
+    np.testing.assert_allclose(r["recall"], [0, 1, 0, 0])
+    np.testing.assert_allclose(r["f1"], [0, 0.8, 0, 0])
+
+
+def test_metrics_reject_bad_labels():
+    with pytest.raises(ValueError, match="equal length"):
+        C.accuracy(np.array([0, 1]), np.array([0]))
+    with pytest.raises(ValueError, match=r"0\.\.2"):
+        C.confusion_matrix(np.array([0, 3]), np.array([0, 1]), num_classes=3)
+
+
+# ---------------------------------------------------------------------------
+# optimisers, schedules, initialisation
+# ---------------------------------------------------------------------------
+
+def one_weight_model(grad_w=1.0, grad_b=1.0):
+    model = C.Sequential([C.Dense(1, 1, dtype=F64)], seed=None)
+    layer = model.layers[0]
+    layer.params["W"][...] = 1.0
+    layer.params["b"][...] = 1.0
+    layer.grads = {"W": np.full((1, 1), grad_w), "b": np.full(1, grad_b)}
+    return model, layer
+
+
+@pytest.mark.parametrize("optimizer,expected_w", [
+    (C.SGD(lr=0.1), [0.9, 0.8]),
+    (C.SGD(lr=0.1, momentum=0.9), [0.9, 0.71]),                  # v = -0.1, then -0.19
+    (C.SGD(lr=0.1, momentum=0.9, nesterov=True), [0.81, 0.539]),
+    (C.SGD(lr=0.1, weight_decay=0.5), [0.85, 0.7075]),           # g = 1 + 0.5 * W
+])
+def test_sgd_steps_by_hand(optimizer, expected_w):
+    model, layer = one_weight_model()
+    for expected in expected_w:
+        optimizer.step(model)
+        assert layer.params["W"][0, 0] == pytest.approx(expected)
+    # weight decay never touches biases
+    assert layer.params["b"][0] == pytest.approx(1 - 0.1 * len(expected_w) if optimizer.momentum == 0
+                                                 else expected_w[-1])
+
+
+def test_adam_first_step_moves_by_lr_times_sign():
+    model, layer = one_weight_model(grad_w=-3.0, grad_b=0.25)
+    C.Adam(lr=0.01).step(model)
+    assert layer.params["W"][0, 0] == pytest.approx(1.01, rel=1e-6)
+    assert layer.params["b"][0] == pytest.approx(0.99, rel=1e-6)
+
+
+def test_schedules():
+    step = C.step_schedule(0.1, step_size=2, gamma=0.5)
+    assert [step(e) for e in range(5)] == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025])
+    cosine = C.cosine_schedule(0.1, epochs=10, lr_min=0.0)
+    assert [cosine(0), cosine(5), cosine(10)] == pytest.approx([0.1, 0.05, 0.0])
+
+
+def test_initialisation_is_seeded_and_picks_he_or_glorot():
+    a, b, c = C.mnist_cnn(seed=1), C.mnist_cnn(seed=1), C.mnist_cnn(seed=2)
+    for (_, pa, _), (_, pb, _), (_, pc, _) in zip(a.parameters(), b.parameters(), c.parameters()):
+        np.testing.assert_array_equal(pa, pb)
+    assert not np.array_equal(a.layers[0].params["W"], c.layers[0].params["W"])
+    dense_hidden, dense_out = a.layers[7], a.layers[10]
+    assert dense_hidden.params["W"].std() == pytest.approx(np.sqrt(2 / 3136), rel=0.02)     # He
+    assert np.abs(dense_out.params["W"]).max() <= np.sqrt(6 / (128 + 10))                   # Glorot
+    assert dense_out.params["W"].std() == pytest.approx(np.sqrt(2 / (128 + 10)), rel=0.1)
+    assert all(np.all(layer.params["b"] == 0) for layer in a.layers if layer.params)
+
+
+# ---------------------------------------------------------------------------
+# bad input gets a clear error
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layer,x,message", [
+    (C.Conv2D(3, 4, 3), np.zeros((2, 1, 8, 8), np.float32), r"expected 3 input channels.*\(2, 1, 8, 8\)"),
+    (C.Conv2D(1, 4, 3), np.zeros((1, 8, 8), np.float32), r"expected a 4-D input.*\(1, 8, 8\)"),
+    (C.Conv2D(1, 4, 3), np.zeros((0, 1, 8, 8), np.float32), "empty batch"),
+    (C.Conv2D(1, 4, 5), np.zeros((1, 1, 3, 8), np.float32), "smaller than the kernel"),
+    (C.Conv2D(1, 4, 3), np.zeros((1, 1, 8, 8), np.uint8), "floating-point.*uint8"),
+    (C.MaxPool2D(2), np.zeros((2, 3, 8), np.float32), r"expected a 4-D input"),
+    (C.MaxPool2D(3), np.zeros((2, 3, 2, 8), np.float32), "smaller than the pool"),
+    (C.Dense(10, 2), np.zeros((4, 9), np.float32), r"expected 10 input features.*\(4, 9\)"),
+    (C.ReLU(), np.zeros((0, 3), np.float32), "empty batch"),
+])
+def test_bad_layer_input_names_the_problem(layer, x, message):
+    with pytest.raises(ValueError, match=message):
+        layer.forward(x)
+
+
+@pytest.mark.parametrize("labels,message", [
+    (np.array([0, 10]), r"0\.\.9.*0 to 10"), (np.array([0, -1]), r"0\.\.9"),
+    (np.array([0.0, 1.0]), "integers"), (np.array([0, 1, 2]), r"shape \(2,\)")])
+def test_bad_labels_name_the_problem(labels, message):
+    with pytest.raises(ValueError, match=message):
+        C.SoftmaxCrossEntropy().forward(np.zeros((2, 10), np.float32), labels)
+
+
+def test_bad_constructor_arguments_and_order():
+    with pytest.raises(ValueError, match="impl"):
+        C.Conv2D(1, 2, 3, impl="fast")
+    with pytest.raises(ValueError, match="kernel_size"):
+        C.Conv2D(1, 2, (3, -1))
+    with pytest.raises(ValueError, match="Dropout"):
+        C.Dropout(1.0)
+    with pytest.raises(RuntimeError, match="before forward"):
+        C.ReLU().backward(np.zeros((1, 2)))
+
+
+def test_diverging_learning_rate_stops_with_a_clear_message():
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((64, 1, 8, 8)).astype(np.float32) * 100, rng.integers(0, 3, 64)
+    model = C.Sequential([C.Flatten(), C.Dense(64, 32), C.ReLU(), C.Dense(32, 3)])
+    with np.errstate(all="ignore"), pytest.raises(FloatingPointError, match="diverged.*learning rate"):
+        C.fit(model, x, y, C.SGD(lr=1e12), epochs=5, batch_size=16, progress=False, log=None)
+
+
+# ---------------------------------------------------------------------------
+# saving, checkpoints, dtypes
+# ---------------------------------------------------------------------------
+
+def test_save_and_load_round_trip(tmp_path):
+    model = C.mnist_cnn(seed=4, channels=(4, 8), hidden=16)
+    path = tmp_path / "model.npz"
+    model.save(path)
+    assert os.listdir(tmp_path) == ["model.npz"]          # no temporary file left behind
+    loaded = C.Sequential.load(path)
+    assert [repr(l) for l in loaded.layers] == [repr(l) for l in model.layers]
+    x = np.random.default_rng(1).random((5, 1, 28, 28), dtype=np.float32)
+    np.testing.assert_array_equal(loaded.predict_proba(x), model.predict_proba(x))
+
+
+def test_loading_a_corrupt_or_foreign_file_fails_clearly(tmp_path):
+    path = tmp_path / "model.npz"
+    C.mnist_cnn(channels=(2,), hidden=4).save(path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match="model.npz"):
+        C.Sequential.load(path)
+    np.savez(tmp_path / "other.npz", a=np.zeros(3))
+    with pytest.raises(ValueError, match="not a saved Sequential model"):
+        C.Sequential.load(tmp_path / "other.npz")
+
+
+def _resume_setup():
+    rng = np.random.default_rng(0)
+    x, y = rng.random((48, 1, 8, 8), dtype=np.float32), rng.integers(0, 3, 48)
+
+    def flip(xb, rng):                       # augmentation that draws from fit's generator
+        flipped = rng.random(len(xb)) < 0.5
+        return np.where(flipped[:, None, None, None], xb[..., ::-1], xb)
+
+    model = C.Sequential([C.Conv2D(1, 3, 3), C.ReLU(), C.MaxPool2D(2), C.Flatten(),
+                          C.Dense(27, 8), C.ReLU(), C.Dropout(0.3), C.Dense(8, 3)], seed=3)
+    return model, x, y, dict(batch_size=10, seed=5, augment=flip, progress=False, log=None,
+                             schedule=C.step_schedule(0.01, 2, 0.5), validation=(x[:8], y[:8]))
+
+
+def test_resumed_training_equals_an_uninterrupted_run(tmp_path):
+    model, x, y, kw = _resume_setup()
+    full = C.fit(model, x, y, C.Adam(), epochs=4, **kw)
+
+    ckpt = tmp_path / "run.npz"
+    first, *_ = _resume_setup()
+    C.fit(first, x, y, C.Adam(), epochs=2, checkpoint=ckpt, **kw)   # "interrupted" after 2 epochs
+    resumed, *_ = _resume_setup()
+    history = C.fit(resumed, x, y, C.Adam(), epochs=4, checkpoint=ckpt, **kw)
+
+    for (_, a, _), (_, b, _) in zip(model.parameters(), resumed.parameters()):
+        np.testing.assert_array_equal(a, b)
+    assert history.train_loss == full.train_loss and history.val_acc == full.val_acc
+    assert len(history.seconds) == 4
+
+
+def test_float32_training_step_never_upcasts():
+    model = C.mnist_cnn(channels=(4, 8), hidden=16)
+    x = np.random.default_rng(0).random((8, 1, 28, 28), dtype=np.float32)
+    out = x
+    for layer in model.layers:
+        out = layer.forward(out, training=True)
+        assert out.dtype == np.float32, layer
+    loss_fn = C.SoftmaxCrossEntropy()
+    loss_fn.forward(out, np.arange(8) % 10)
+    dout = loss_fn.backward()
+    assert dout.dtype == np.float32
+    for layer in reversed(model.layers):
+        dout = layer.backward(dout)
+        assert dout.dtype == np.float32, layer
+    optimizer = C.Adam()
+    optimizer.step(model)
+    for key, param, grad in model.parameters():
+        assert param.dtype == grad.dtype == np.float32, key
+    assert all(buf.dtype == np.float32 for bufs in optimizer.state.values() for buf in bufs.values())
+
+
+def test_float64_model_stays_float64():
+    model = C.mnist_cnn(channels=(2,), hidden=4).astype(np.float64)
+    x = np.random.default_rng(0).random((2, 1, 28, 28))
+    assert model.forward(x).dtype == np.float64
