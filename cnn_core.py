@@ -1081,15 +1081,25 @@ class History:
         return asdict(self)
 
 
-def _progress(iterable, enabled, **kwargs):
-    """A tqdm progress bar when asked for and installed, else the plain iterable."""
-    if enabled:
-        try:
-            from tqdm.auto import tqdm
-            return tqdm(iterable, **kwargs)
-        except ImportError:
-            pass
-    return iterable
+class TextProgress:
+    """A one-line progress bar on stdout with no dependency, used by ``fit`` by
+    default; any tqdm-like wrapper (e.g. ``tqdm.auto.tqdm``) can replace it."""
+
+    def __init__(self, iterable, desc="", **_):
+        self.iterable, self.desc, self.postfix = iterable, desc, ""
+
+    def set_postfix(self, **values):
+        self.postfix = " ".join(f"{k} {v}" for k, v in values.items())
+
+    def __iter__(self):
+        total = len(self.iterable)
+        line = ""
+        for done, item in enumerate(self.iterable, 1):
+            yield item
+            if done % max(1, total // 50) == 0 or done == total:
+                line = f"{self.desc} [{'#' * (20 * done // total):<20}] {done}/{total} {self.postfix}"
+                print("\r" + line, end="", file=sys.stdout, flush=True)
+        print("\r" + " " * len(line) + "\r", end="", file=sys.stdout, flush=True)
 
 
 def _checkpoint_arrays(model, optimizer, history, epoch, rng):
@@ -1127,6 +1137,9 @@ def fit(model, x, y, optimizer, epochs, batch_size=64, validation=None, schedule
     x: (N, ...) float inputs, y: (N,) int labels; ``validation`` an optional
     (x_val, y_val) pair evaluated after every epoch; ``schedule(epoch) -> lr``;
     ``augment(x_batch, rng) -> x_batch`` applied to each training batch.
+    ``progress``: True for a text progress bar, False for none, or a tqdm-like
+    wrapper such as ``tqdm.auto.tqdm``; ``log(message)`` receives one line per
+    epoch (``None`` to stay silent).
     With ``checkpoint`` (a path), the model, optimiser state, random states and
     history are written atomically after every epoch, and a run started with an
     existing checkpoint resumes from it: the result equals an uninterrupted run.
@@ -1146,8 +1159,10 @@ def fit(model, x, y, optimizer, epochs, batch_size=64, validation=None, schedule
             optimizer.lr = schedule(epoch)
         began, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
         order = rng.permutation(len(x))
-        batches = _progress(range(0, len(x), batch_size), progress, leave=False,
-                            desc=f"epoch {epoch + 1}/{epochs}", file=sys.stdout)
+        batches = range(0, len(x), batch_size)
+        if progress:
+            wrapper = TextProgress if progress is True else progress
+            batches = wrapper(batches, desc=f"epoch {epoch + 1}/{epochs}", leave=False)
         for b, i in enumerate(batches):
             index = order[i:i + batch_size]
             xb, yb = x[index], y[index]
@@ -1164,7 +1179,7 @@ def fit(model, x, y, optimizer, epochs, batch_size=64, validation=None, schedule
             seen += len(index)
             loss_sum += loss * len(index)
             correct += int((logits.argmax(axis=1) == yb).sum())
-            if progress and hasattr(batches, "set_postfix") and b % 20 == 0:
+            if progress and b % 20 == 0:
                 batches.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
         history.seconds.append(time.perf_counter() - began)
         history.train_loss.append(loss_sum / seen)

@@ -1,0 +1,65 @@
+"""Project-wide rules: no machine-learning library anywhere, NumPy-only core."""
+import ast
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FORBIDDEN = {"sklearn", "torch", "torchvision", "tensorflow", "keras", "jax", "jaxlib", "flax",
+             "theano", "mxnet", "paddle", "chainer", "cupy", "scipy", "pandas", "cv2", "skimage"}
+
+
+def imported_modules(source, module_level_only=False):
+    """Top-level names of the modules a piece of Python source imports
+    (anywhere, or only in statements at module level)."""
+    tree = ast.parse(source)
+    found = set()
+    for node in (tree.body if module_level_only else ast.walk(tree)):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def project_sources():
+    """(path, source) of every Python file and notebook code cell in the repository."""
+    skip = {".venv", ".git", "data", "runs", "build"}
+    for path in sorted(ROOT.rglob("*")):
+        if skip & set(path.relative_to(ROOT).parts):
+            continue
+        if path.suffix == ".py":
+            yield path, path.read_text()
+        elif path.suffix == ".ipynb":
+            cells = json.loads(path.read_text())["cells"]
+            code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+            # IPython magics are not Python: drop them before parsing
+            yield path, "\n".join(l for l in code.splitlines() if not l.lstrip().startswith(("%", "!")))
+
+
+def test_the_import_scanner_catches_forbidden_imports():
+    assert imported_modules("import torch.nn as nn\nfrom sklearn.metrics import f1_score") == {"torch", "sklearn"}
+    assert imported_modules("from . import x\nimport numpy") == {"numpy"}
+
+
+def test_no_machine_learning_library_is_imported_anywhere():
+    sources = list(project_sources())
+    assert any(p.name == "cnn_core.py" for p, _ in sources)
+    offenders = {str(p.relative_to(ROOT)): sorted(imported_modules(src) & FORBIDDEN) for p, src in sources}
+    assert not {p: m for p, m in offenders.items() if m}
+
+
+ALLOWED = {"numpy"} | set(sys.stdlib_module_names)
+
+
+def test_the_maths_imports_only_numpy_and_the_standard_library():
+    assert not imported_modules((ROOT / "cnn_core.py").read_text()) - ALLOWED
+
+
+def test_the_data_module_imports_tqdm_and_pillow_only_lazily():
+    source = (ROOT / "cnn_data.py").read_text()
+    assert not imported_modules(source, module_level_only=True) - ALLOWED
+    assert not imported_modules(source) - ALLOWED - {"tqdm", "PIL"}
+    assert imported_modules("import numpy\ndef f():\n    import PIL", module_level_only=True) == {"numpy"}
