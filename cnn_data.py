@@ -1,0 +1,512 @@
+"""Datasets for the CNN-from-scratch project: MNIST, Fashion-MNIST, CIFAR-10 and image folders.
+
+Every loader returns a `Dataset` of NumPy arrays: images NCHW (N, C, H, W), labels int64 (N,).
+For example `load_mnist().x_train` is float32 (55000, 1, 28, 28) in [0, 1].
+
+Files are downloaded once, checked against a known checksum and cached in `data/<dataset>/`.
+Offline, point the environment variable CNN_DATA_MIRROR at a folder (or base URL) laid out
+as `<mirror>/<dataset>/<filename>`, e.g. `CNN_DATA_MIRROR=../shared/datasets` (relative
+paths start from this file's folder).
+Every failure raises `DatasetError` with a message that says what to do.
+"""
+import contextlib
+import dataclasses
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import struct
+import tarfile
+import tempfile
+import types
+import urllib.error
+import urllib.request
+import warnings
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+PROJECT_DIR = Path(__file__).resolve().parent
+DATA_DIR = PROJECT_DIR / "data"
+MIRROR_ENV = "CNN_DATA_MIRROR"
+DOWNLOAD_ATTEMPTS = 2      # per URL, before moving on to the next one
+TIMEOUT = 30               # seconds without data before a download attempt is abandoned
+CHUNK = 1 << 20            # bytes read at a time when downloading or hashing
+
+# Official download locations, tried in order: <base URL><filename>.
+BASE_URLS = {
+    "mnist": ("https://ossci-datasets.s3.amazonaws.com/mnist/",
+              "https://storage.googleapis.com/cvdf-datasets/mnist/",
+              "http://yann.lecun.com/exdb/mnist/"),
+    "fashion-mnist": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+                      "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"),
+    "cifar10": ("https://www.cs.toronto.edu/~kriz/",),
+    "cifar10-jpeg": (),    # not published anywhere official: only available through a mirror
+}
+
+# Hex digests: 64 digits = SHA-256, 32 = MD5 (CIFAR-10 publishes only an MD5).
+# For a compressed single file (*.gz but not *.tar.gz) the digest is of the DECOMPRESSED bytes,
+# because a faithful mirror may recompress a file without changing its content.
+CHECKSUMS = {
+    "mnist": {
+        "train-images-idx3-ubyte.gz": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+        "train-labels-idx1-ubyte.gz": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+        "t10k-images-idx3-ubyte.gz": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+        "t10k-labels-idx1-ubyte.gz": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+    },
+    "fashion-mnist": {
+        "train-images-idx3-ubyte.gz": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+        "train-labels-idx1-ubyte.gz": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+        "t10k-images-idx3-ubyte.gz": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+        "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+    },
+    "cifar10": {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a"},
+    "cifar10-jpeg": {"cifar10-jpeg.tar.gz": "0bfcb68717a0ecb0d51ed61034906a773d48d424d94b766a46d7d1c55702a4d9"},
+}
+
+CLASS_NAMES = {
+    "mnist": tuple("0123456789"),
+    "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer",
+                "dog", "frog", "horse", "ship", "truck"),
+}
+
+NORMALIZE_MODES = (None, "unit", "standard")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+SPLITS = ("train", "test")
+
+
+class DatasetError(RuntimeError):
+    """A dataset file is missing, unreachable, corrupt or malformed; the message says what to do."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class Dataset:
+    """Images x_* (N, C, H, W) and integer labels y_* int64 (N,) for train / validation / test."""
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: tuple
+
+    def summary(self):
+        """A few lines with the shape and dtype of every array and the class names."""
+        rows = [f"{len(self.class_names)} classes: {', '.join(self.class_names)}"]
+        for split in ("train", "val", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            rows.append(f"{split:<5}  x {x.shape} {x.dtype}   y {y.shape} {y.dtype}")
+        return "\n".join(rows)
+
+    def __repr__(self):
+        return (f"Dataset(train={self.x_train.shape}, val={self.x_val.shape}, test={self.x_test.shape}, "
+                f"dtype={self.x_train.dtype}, classes={len(self.class_names)})")
+
+
+# ---------------------------------------------------------------- download and verification
+
+def _progress_bar(**tqdm_kwargs):
+    """A tqdm progress bar, or a silent stand-in with the same update() when tqdm is not installed."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return contextlib.nullcontext(types.SimpleNamespace(update=lambda n=1: None))
+    return tqdm(**tqdm_kwargs)
+
+
+def _verify(path, checksum, name):
+    """Raise DatasetError unless the file at `path` matches `checksum` (rules: see CHECKSUMS).
+
+    `name` is the file's final name: it decides whether the content is gzip-decompressed first.
+    """
+    digest = hashlib.sha256() if len(checksum) == 64 else hashlib.md5()
+    decompress = name.endswith(".gz") and not name.endswith(".tar.gz")
+    try:
+        with (gzip.open if decompress else open)(path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                digest.update(chunk)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise DatasetError(f"{path} is corrupt: truncated or invalid gzip data ({exc})") from exc
+    if digest.hexdigest() != checksum:
+        raise DatasetError(f"{path} is corrupt: checksum {digest.hexdigest()} instead of {checksum}")
+
+
+@contextlib.contextmanager
+def _atomic_write(target, check=None):
+    """Yield a binary file next to `target`; on success check it, then rename it to `target`.
+
+    os.replace is atomic, so `target` is either absent or complete: an interrupted download
+    or cache write never leaves a half-written file under the final name.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".part")
+    try:
+        os.chmod(tmp, 0o644)                  # mkstemp makes private 0600 files; data may be shared
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        if check is not None:
+            check(Path(tmp))
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _download(urls, target, checksum, where):
+    """Download the first URL that yields a file with the right checksum to `target`."""
+    failures = []
+    for url in urls:
+        for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+            try:
+                with _atomic_write(target, check=lambda tmp: _verify(tmp, checksum, target.name)) as out, \
+                        urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+                    size = int(response.headers.get("Content-Length") or 0) or None
+                    with _progress_bar(total=size, unit="B", unit_scale=True, desc=target.name) as bar:
+                        while chunk := response.read(CHUNK):
+                            out.write(chunk)
+                            bar.update(len(chunk))
+                return
+            except (OSError, DatasetError) as exc:   # URLError, HTTPError and timeouts are OSErrors
+                failures.append(f"  {url} (attempt {attempt}): {exc}")
+                if isinstance(exc, urllib.error.HTTPError) and exc.code < 500:
+                    break                             # "404 Not Found" will not change on a retry
+    if not urls:
+        raise DatasetError(f"{where} has no official download URL: it is only available from a mirror. "
+                           f"Set {MIRROR_ENV}=/path/to/folder containing {where}.")
+    raise DatasetError(f"could not download {where}:\n" + "\n".join(failures) + "\n"
+                       f"Offline? Set {MIRROR_ENV}=/path/to/folder containing {where} (or a base URL), "
+                       f"or copy a good copy of the file to {target}.")
+
+
+def fetch(dataset, filename, checksum, urls, data_dir=None):
+    """Return the path of a verified local copy of `<dataset>/<filename>`.
+
+    checksum: hex SHA-256 (64 digits) or MD5 (32 digits); of the decompressed bytes for *.gz
+    files that are not *.tar.gz. urls: full URLs tried in order when there is no mirror.
+    With CNN_DATA_MIRROR set to a folder (relative paths start from the project folder),
+    the mirror's file is verified and used in place;
+    set to a URL (http://, https://, file://), `<mirror>/<dataset>/<filename>` replaces `urls`.
+    Otherwise the file is cached at `<data_dir>/<dataset>/<filename>` (default: DATA_DIR).
+    """
+    where = f"{dataset}/{filename}"
+    mirror = os.environ.get(MIRROR_ENV, "").strip()
+    if mirror and "://" not in mirror:
+        # Relative to the project folder, not the working directory, so notebooks/ finds it too.
+        path = PROJECT_DIR / Path(mirror).expanduser() / dataset / filename
+        if not path.is_file():
+            raise DatasetError(f"{MIRROR_ENV}={mirror} has no {where} (looked for {path}). Put the file "
+                               f"there, or unset {MIRROR_ENV} to download from the official sites.")
+        try:
+            _verify(path, checksum, filename)
+        except DatasetError as exc:
+            raise DatasetError(f"{exc}. Replace the mirror's copy with a good one.") from exc
+        return path
+    if mirror:
+        urls = [f"{mirror.rstrip('/')}/{dataset}/{filename}"]
+    target = Path(data_dir or DATA_DIR) / dataset / filename
+    if target.exists():
+        try:
+            _verify(target, checksum, filename)
+            return target
+        except DatasetError as exc:
+            # Never use a bad cached file: keep it aside for inspection and download it once more.
+            os.replace(target, target.with_name(target.name + ".corrupt"))
+            warnings.warn(f"{exc}; moved it to {target.name}.corrupt and downloading it again")
+    _download(urls, target, checksum, where)
+    return target
+
+
+def _fetch_known(dataset, filename, data_dir):
+    """fetch() a file listed in CHECKSUMS from its official locations."""
+    urls = [base + filename for base in BASE_URLS[dataset]]
+    return fetch(dataset, filename, CHECKSUMS[dataset][filename], urls, data_dir)
+
+
+# ---------------------------------------------------------------- shared split + normalisation
+
+def _check_options(normalize, validation_size, dtype):
+    """ValueError for bad loader arguments, raised before any slow download or decoding."""
+    if normalize not in NORMALIZE_MODES:
+        raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, not {normalize!r}")
+    if not isinstance(validation_size, (int, np.integer)) or validation_size < 0:
+        raise ValueError(f"validation_size must be an integer >= 0, not {validation_size!r}")
+    if normalize is not None and not np.issubdtype(np.dtype(dtype), np.floating):
+        raise ValueError(f"dtype must be a floating type when normalize={normalize!r}, not {dtype!r}")
+
+
+def _channel_stats(x):
+    """Per-channel mean and std, shape (1, C, 1, 1), on the 0..1 scale, of uint8 images x (N, C, H, W).
+
+    Computed exactly from a histogram of the 256 possible pixel values, so no float copy
+    of the whole training set is needed.
+    """
+    values = np.arange(256) / 255.0
+    hist = np.stack([np.bincount(x[:, c].ravel(), minlength=256) for c in range(x.shape[1])])
+    p = hist / hist.sum(axis=1, keepdims=True)                   # (C, 256) pixel-value frequencies
+    mean = p @ values
+    std = np.sqrt((p * (values - mean[:, None]) ** 2).sum(axis=1))
+    std[std == 0] = 1.0                  # a constant channel: avoid dividing by zero
+    return mean.reshape(1, -1, 1, 1), std.reshape(1, -1, 1, 1)
+
+
+def _make_dataset(x_train, y_train, x_test, y_test, class_names, normalize, validation_size, seed, dtype):
+    """Split a validation set off the training set, then normalise: the step every loader shares.
+
+    x_*: uint8 (N, C, H, W); y_*: int64 (N,). The last `validation_size` images of a seeded
+    random permutation become the validation set; both parts keep the original file order.
+    "standard" statistics come from the remaining training images only, so nothing is
+    learnt from validation or test images.
+    """
+    n = len(x_train)
+    if validation_size >= n:
+        raise ValueError(f"validation_size={validation_size} must be smaller than the {n} training images")
+    order = np.random.default_rng(seed).permutation(n)
+    train, val = np.sort(order[:n - validation_size]), np.sort(order[n - validation_size:])
+    xs = [x_train[train], x_train[val], x_test]
+    if normalize is not None:
+        dtype = np.dtype(dtype)
+        if normalize == "standard":
+            mean, std = (s.astype(dtype) for s in _channel_stats(xs[0]))
+        xs = [x.astype(dtype) for x in xs]
+        for x in xs:                          # in place: no second float copy of the data
+            x /= 255
+            if normalize == "standard":
+                x -= mean
+                x /= std
+    return Dataset(xs[0], y_train[train], xs[1], y_train[val], xs[2], y_test, tuple(class_names))
+
+
+# ---------------------------------------------------------------- MNIST and Fashion-MNIST
+
+def read_idx(path):
+    """Read an IDX file (raw or .gz) of unsigned bytes: uint8 array (N,) for labels, (N, H, W) for images."""
+    path = Path(path)
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            raw = bytearray(f.read())         # bytearray: the returned array is writable
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise DatasetError(f"{path} is corrupt: truncated or invalid gzip data ({exc}); delete it and retry") from exc
+    # Header: two zero bytes, a type byte (0x08 = unsigned byte), the number of dimensions,
+    # then one big-endian uint32 per dimension. 0x00000801 = labels, 0x00000803 = images.
+    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08" or raw[3] not in (1, 3):
+        raise DatasetError(f"{path} is not an IDX file of uint8 labels or images "
+                           f"(magic {bytes(raw[:4]).hex()}, expected 00000801 or 00000803); delete it and retry")
+    header = 4 + 4 * raw[3]
+    dims = struct.unpack(f">{raw[3]}I", raw[4:header]) if len(raw) >= header else ()
+    if len(dims) != raw[3] or len(raw) != header + int(np.prod(dims)):
+        raise DatasetError(f"{path} is truncated or malformed: {len(raw)} bytes do not match "
+                           f"the header's shape {dims}; delete it and retry")
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
+
+
+def load_mnist(normalize="unit", validation_size=5000, seed=0, dtype=np.float32, data_dir=None, dataset="mnist"):
+    """MNIST (or Fashion-MNIST with dataset="fashion-mnist") as a Dataset.
+
+    Images (N, 1, 28, 28): uint8 0..255 if normalize is None, else `dtype` scaled to [0, 1]
+    ("unit") or standardised with the training split's mean and std ("standard").
+    60,000 training images split into 60,000 - validation_size train and validation_size
+    validation images; 10,000 test images. Labels int64 (N,) in 0..9.
+    """
+    if dataset not in ("mnist", "fashion-mnist"):
+        raise ValueError(f"dataset must be 'mnist' or 'fashion-mnist', not {dataset!r}")
+    _check_options(normalize, validation_size, dtype)
+    arrays = []
+    for split in ("train", "t10k"):
+        images = read_idx(_fetch_known(dataset, f"{split}-images-idx3-ubyte.gz", data_dir))
+        labels = read_idx(_fetch_known(dataset, f"{split}-labels-idx1-ubyte.gz", data_dir))
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DatasetError(f"{dataset} {split} files do not match: images {images.shape}, labels "
+                               f"{labels.shape}; delete the folder {dataset}/ in the cache and retry")
+        arrays += [images[:, None], labels.astype(np.int64)]   # add the channel axis: NCHW
+    return _make_dataset(*arrays, CLASS_NAMES[dataset], normalize, validation_size, seed, dtype)
+
+
+def load_fashion_mnist(**kwargs):
+    """Fashion-MNIST: same format and arguments as load_mnist; classes in CLASS_NAMES["fashion-mnist"]."""
+    return load_mnist(dataset="fashion-mnist", **kwargs)
+
+
+# ---------------------------------------------------------------- CIFAR-10 (official python version)
+
+def _read_cifar10_tar(path):
+    """Read cifar-10-python.tar.gz without extracting it.
+
+    Returns x_train uint8 (50000, 3, 32, 32), y_train int64 (50000,), x_test, y_test, class_names.
+    """
+    train_batches = [f"data_batch_{i}" for i in range(1, 6)]
+    try:
+        with tarfile.open(path) as tar:
+            members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+            # pickle can run code: acceptable only because the archive's checksum was verified.
+            batches = {name: pickle.load(tar.extractfile(members[name]), encoding="bytes")
+                       for name in train_batches + ["test_batch", "batches.meta"]}
+        arrays = []
+        for names in (train_batches, ["test_batch"]):
+            # Each 3072-byte row holds the 1024 red pixels, then green, then blue, each plane
+            # row by row: reshaping to (3, 32, 32) gives channel-first images directly.
+            arrays.append(np.concatenate([batches[n][b"data"] for n in names]).reshape(-1, 3, 32, 32))
+            arrays.append(np.concatenate([batches[n][b"labels"] for n in names]).astype(np.int64))
+        return (*arrays, tuple(name.decode() for name in batches["batches.meta"][b"label_names"]))
+    except (tarfile.TarError, EOFError, zlib.error, OSError, pickle.UnpicklingError, KeyError, ValueError) as exc:
+        raise DatasetError(f"{path} is corrupt or not the official CIFAR-10 archive ({exc!r}); "
+                           f"delete it and retry") from exc
+
+
+def load_cifar10(normalize="unit", validation_size=5000, seed=0, dtype=np.float32, data_dir=None):
+    """CIFAR-10 from the official cifar-10-python.tar.gz as a Dataset; images (N, 3, 32, 32).
+
+    Same arguments as load_mnist; "standard" uses per-channel statistics. 50,000 training
+    and 10,000 test images. Offline with only the shared mirror, use load_cifar10_jpeg().
+    """
+    _check_options(normalize, validation_size, dtype)
+    path = _fetch_known("cifar10", "cifar-10-python.tar.gz", data_dir)
+    return _make_dataset(*_read_cifar10_tar(path), normalize, validation_size, seed, dtype)
+
+
+# ---------------------------------------------------------------- folders of images
+
+def _entries(path):
+    """Yield (member name with "/" separators, read) for a folder, .zip or .tar(.gz) archive.
+
+    read() returns the file's bytes, or read is None for a directory. Call it before
+    advancing: a compressed tar is read sequentially, never extracted to disk.
+    """
+    if path.is_dir():
+        for p in sorted(path.rglob("*")):
+            yield p.relative_to(path).as_posix(), None if p.is_dir() else p.read_bytes
+    elif zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                yield info.filename, None if info.is_dir() else (lambda info=info: archive.read(info))
+    elif tarfile.is_tarfile(path):
+        with tarfile.open(path) as archive:
+            for m in archive:
+                if m.isdir() or m.isfile():
+                    yield m.name, None if m.isdir() else (lambda m=m: archive.extractfile(m).read())
+    else:
+        raise DatasetError(f"{path} is not a folder, .zip or .tar(.gz) archive")
+
+
+def _parse_member(name, is_dir):
+    """'[top/]train/<class>/<file>' -> (split, class, file); a class folder -> (split, class, None); else None."""
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if any(p.startswith(".") or p == "__MACOSX" for p in parts):    # hidden files, macOS zip debris
+        return None
+    depth = 2 if is_dir else 3
+    if len(parts) == depth + 1 and parts[0] not in SPLITS:          # one wrapping top-level folder
+        parts = parts[1:]
+    if len(parts) != depth or parts[0] not in SPLITS:
+        return None
+    return parts[0], parts[1], None if is_dir else parts[2]
+
+
+def _decode_image(data, name, size):
+    """Decode image bytes to uint8 RGB (H, W, 3), resized bilinearly to size=(h, w) if given."""
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image = image.convert("RGB")
+            if size is not None:
+                image = image.resize((size[1], size[0]), Image.BILINEAR)   # PIL wants (width, height)
+            return np.asarray(image, dtype=np.uint8)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DatasetError(f"cannot decode image {name} ({exc}); remove or replace this file") from exc
+
+
+def _read_image_folder(path, size):
+    """Decode every train/ and test/ image: (x_train, y_train, x_test, y_test, class_names), x uint8 NCHW."""
+    found = {split: {} for split in SPLITS}       # split -> class -> [(member name, image)]
+    try:
+        with _progress_bar(desc=f"decoding {path.name}", unit=" images") as bar:
+            for name, read in _entries(path):
+                parsed = _parse_member(name, is_dir=read is None)
+                if parsed is None:
+                    continue
+                split, label, filename = parsed
+                images = found[split].setdefault(label, [])
+                if filename and Path(filename).suffix.lower() in IMAGE_EXTENSIONS:
+                    images.append((name, _decode_image(read(), f"{path}:{name}", size)))
+                    bar.update()
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as exc:
+        raise DatasetError(f"cannot read {path} ({exc}); it may be truncated: replace it and retry") from exc
+
+    class_names = tuple(sorted(found["train"]))
+    if not class_names or set(found["test"]) != set(class_names):
+        raise DatasetError(f"{path} must hold train/<class>/<image> and test/<class>/<image> with the same "
+                           f"class folders (optionally inside one top-level folder); found train/ classes "
+                           f"{list(class_names)} and test/ classes {sorted(found['test'])}")
+    examples = {image.shape: name for classes in found.values() for images in classes.values()
+                for name, image in images}                # one file name per image size
+    if len(examples) > 1:
+        sizes = ", ".join(f"{name} is {w}x{h}" for (h, w, _), name in list(examples.items())[:3])
+        raise DatasetError(f"{path}: images differ in size ({sizes} pixels); pass size=(h, w) to resize")
+    arrays = []
+    for split in SPLITS:
+        items = []                            # (label, member name, image), sorted for a stable order
+        for label, class_name in enumerate(class_names):
+            if not found[split][class_name]:
+                raise DatasetError(f"{path}: class folder {split}/{class_name} has no images {IMAGE_EXTENSIONS}")
+            items += [(label, *item) for item in sorted(found[split][class_name], key=lambda item: item[0])]
+        x = np.stack([image for _, _, image in items]).transpose(0, 3, 1, 2)    # NHWC -> NCHW
+        arrays += [np.ascontiguousarray(x), np.array([label for label, _, _ in items], dtype=np.int64)]
+    return (*arrays, class_names)
+
+
+def _cache_path(path, size, data_dir):
+    """data/image-folder-cache/<name>-<hash>.npz; the hash changes when the source files or size change."""
+    path = path.resolve()
+    files = [path] if path.is_file() else sorted(path.rglob("*"))
+    stats = [(str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files]
+    key = hashlib.sha256(repr((size, stats)).encode()).hexdigest()[:16]
+    name = path.name.split(".")[0] or "images"
+    return Path(data_dir or DATA_DIR) / "image-folder-cache" / f"{name}-{key}.npz"
+
+
+def load_image_folder(path, size=None, normalize="unit", validation_size=0, seed=0, dtype=np.float32,
+                      cache=True, data_dir=None):
+    """A folder, .zip or .tar(.gz) laid out as train/<class>/<image> and test/<class>/<image> as a Dataset.
+
+    Images (PNG, JPEG, ...) are decoded as RGB: x (N, 3, H, W), optionally resized to size=(h, w).
+    Class names are the sorted class folder names; labels int64 index into them.
+    Other arguments as in load_mnist. With cache=True the decoded uint8 arrays are kept in
+    <data_dir>/image-folder-cache/ so later loads skip decoding.
+    """
+    path = Path(path)
+    _check_options(normalize, validation_size, dtype)
+    if size is not None and (not isinstance(size, (tuple, list)) or len(size) != 2
+                             or any(int(s) != s or s < 1 for s in size)):
+        raise ValueError(f"size must be None or (height, width) in pixels, not {size!r}")
+    if not path.exists():
+        raise DatasetError(f"{path} does not exist; expected a folder or archive with train/ and test/")
+    size = None if size is None else (int(size[0]), int(size[1]))
+    cache_file = _cache_path(path, size, data_dir) if cache else None
+    arrays = None
+    if cache_file is not None and cache_file.exists():
+        try:
+            with np.load(cache_file) as z:
+                arrays = (z["x_train"], z["y_train"], z["x_test"], z["y_test"], tuple(z["class_names"].tolist()))
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            warnings.warn(f"ignoring unreadable cache {cache_file} ({exc}); decoding {path} again")
+    if arrays is None:
+        arrays = _read_image_folder(path, size)
+        if cache_file is not None:
+            with _atomic_write(cache_file) as f:
+                np.savez(f, **dict(zip(("x_train", "y_train", "x_test", "y_test"), arrays)),
+                         class_names=np.array(arrays[4]))
+    return _make_dataset(*arrays, normalize, validation_size, seed, dtype)
+
+
+def load_cifar10_jpeg(validation_size=5000, data_dir=None, **kwargs):
+    """The JPEG re-encoded CIFAR-10 copy (cifar10-jpeg/cifar10-jpeg.tar.gz, mirror only) as a Dataset.
+
+    Images (N, 3, 32, 32), 50,000 train (minus validation_size) and 10,000 test: the official
+    classes and split but LOSSY pixels (about 5.8/255 mean error): report which copy you used.
+    Keyword arguments as in load_image_folder. The sorted class folder names are the official
+    class order (airplane ... truck), so labels match load_cifar10's.
+    """
+    path = _fetch_known("cifar10-jpeg", "cifar10-jpeg.tar.gz", data_dir)
+    return load_image_folder(path, validation_size=validation_size, data_dir=data_dir, **kwargs)
