@@ -1,0 +1,345 @@
+"""Plots for the NumPy CNN: training curves, metrics, images, filters,
+feature maps, saliency and occlusion maps.
+
+This is the only module that imports matplotlib and seaborn (``cnn_core``
+stays NumPy-only). Every ``plot_*`` function returns its matplotlib Figure and,
+given ``path``, also writes it as a PNG (dpi 150) atomically. Figures are made
+with pyplot: close them (``plt.close(fig)``) when making many in a script, and
+in Jupyter end a cell with ``;`` so the returned Figure is not shown twice.
+"""
+import functools
+import os
+import sys
+import tempfile
+
+import matplotlib
+import numpy as np
+
+
+def _backend_is_set():
+    try:
+        return matplotlib.get_backend(auto_select=False) is not None    # matplotlib >= 3.10
+    except TypeError:
+        return matplotlib.rcParams._get_backend_or_none() is not None
+
+
+# Headless default: Agg, unless a backend was chosen (rc file, MPLBACKEND, Jupyter).
+if not _backend_is_set() and "ipykernel" not in sys.modules:
+    matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+from mpl_toolkits.axes_grid1 import make_axes_locatable  # noqa: E402
+
+from cnn_core import Dropout  # noqa: E402
+
+# One style for every figure, applied with rc_context inside each function so
+# that importing this module changes no global matplotlib settings.
+STYLE = {**sns.axes_style("whitegrid"), **sns.plotting_context("notebook", font_scale=0.9),
+         "axes.titlesize": 10, "figure.titlesize": 12, "image.interpolation": "nearest"}
+
+
+def _styled(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with plt.rc_context(STYLE):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def save_figure(fig, path):
+    """Write ``fig`` as a PNG to ``path`` via a temporary file and ``os.replace``."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
+    try:
+        os.chmod(tmp, 0o644)                               # mkstemp makes it private (0600)
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=150, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _finish(fig, path):
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def _to_display(image):
+    """(C, H, W) with C in {1, 3} -> (H, W) or (H, W, 3), min-max scaled to [0, 1] if outside it."""
+    image = np.asarray(image, dtype=float)
+    if image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"expected an image of shape (1, H, W) or (3, H, W), got {image.shape}")
+    lo, hi = image.min(), image.max()
+    if lo < 0 or hi > 1:
+        image = (image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)
+    return image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+
+
+def _grid(n, ncols, tile=1.3, height=None):
+    """A figure with a grid of at least ``n`` axes, all without ticks or frames."""
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(tile * ncols, (height or tile) * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    return fig, axes.flat
+
+
+def _mosaic(tiles, ncols, fill, pad=1):
+    """(T, h, w[, 3]) tiles -> one image with ``ncols`` tiles per row and ``pad``-wide gaps."""
+    T, rest = len(tiles), tiles.shape[3:]
+    rows = -(-T // ncols)
+    t = np.concatenate([tiles, np.full((rows * ncols - T,) + tiles.shape[1:], fill)])
+    t = np.pad(t, [(0, 0), (pad, 0), (pad, 0)] + [(0, 0)] * len(rest), constant_values=fill)
+    h, w = t.shape[1:3]
+    grid = t.reshape((rows, ncols, h, w) + rest).swapaxes(1, 2).reshape((rows * h, ncols * w) + rest)
+    return np.pad(grid, [(0, pad), (0, pad)] + [(0, 0)] * len(rest), constant_values=fill)
+
+
+@_styled
+def plot_history(history, path=None):
+    """Loss and accuracy per epoch (numbered from 1), train and, if recorded, validation.
+
+    history: a ``cnn_core.History`` or a dict with lists ``train_loss``,
+    ``train_acc`` and optionally ``val_loss``, ``val_acc`` (one value per epoch).
+    """
+    h = history.as_dict() if hasattr(history, "as_dict") else dict(history)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, metric, name in zip(axes, ("loss", "acc"), ("loss", "accuracy")):
+        for split, style in (("train", "-o"), ("val", "--s")):
+            values = h.get(f"{split}_{metric}")
+            if values is not None and len(values):
+                ax.plot(np.arange(1, len(values) + 1), values, style, ms=4,
+                        label="train" if split == "train" else "validation")
+        ax.set(xlabel="epoch", ylabel=name, title=name)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax.lines:
+            ax.legend()
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+@_styled
+def plot_confusion_matrix(cm, class_names, normalize=False, path=None):
+    """Heatmap of a (K, K) confusion matrix (row = true, column = predicted).
+
+    ``normalize=True`` divides each row by its total, so the diagonal shows recall.
+    """
+    cm = np.asarray(cm)
+    if normalize:
+        totals = cm.sum(axis=1, keepdims=True)
+        cm = np.divide(cm, totals, out=np.zeros(cm.shape), where=totals != 0)
+    k = len(cm)
+    fmt = ".2f" if normalize else ("d" if np.issubdtype(cm.dtype, np.integer) else "g")
+    fig, ax = plt.subplots(figsize=(0.55 * k + 2.5, 0.55 * k + 2))
+    sns.heatmap(cm, annot=k <= 20, fmt=fmt, cmap="Blues", square=True, ax=ax,
+                xticklabels=class_names, yticklabels=class_names, vmin=0,
+                vmax=1 if normalize else None, annot_kws={"fontsize": 8})
+    ax.set(xlabel="predicted", ylabel="true",
+           title="confusion matrix" + (" (row-normalised)" if normalize else " (counts)"))
+    return _finish(fig, path)
+
+
+@_styled
+def plot_per_class(report, path=None):
+    """Grouped bars of precision, recall and F1 per class.
+
+    report: the dict of ``cnn_core.classification_report`` (arrays of K values
+    under "precision", "recall", "f1", and "class_names").
+    """
+    names = report["class_names"]
+    x, width = np.arange(len(names)), 0.27
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(names) + 2), 3.8))
+    for i, metric in enumerate(("precision", "recall", "f1")):
+        ax.bar(x + (i - 1) * width, report[metric], width, label=metric)
+    ax.set_xticks(x, names, rotation=45 if max(len(n) for n in names) > 3 else 0)
+    title = "per-class metrics" + (f" (macro F1 {report['macro']['f1']:.3f})" if "macro" in report else "")
+    ax.set(ylim=(0, 1.05), xlabel="class", ylabel="score", title=title)
+    ax.grid(axis="x", visible=False)
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return _finish(fig, path)
+
+
+def _image_figure(images, titles, ncols, cmap):
+    images = np.asarray(images)
+    if images.ndim != 4 or len(images) == 0:
+        raise ValueError(f"expected a non-empty batch of images (N, C, H, W), got shape {images.shape}")
+    fig, axes = _grid(len(images), ncols, height=1.5 if titles is not None else 1.3)
+    for k, (ax, image) in enumerate(zip(axes, images)):
+        ax.imshow(_to_display(image), cmap=cmap, vmin=0, vmax=1)
+        if titles is not None:
+            ax.set_title(titles[k], fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+@_styled
+def plot_images(images, titles=None, ncols=10, path=None, cmap="gray"):
+    """A grid of images (N, 1, H, W) gray or (N, 3, H, W) RGB, each scaled to [0, 1]
+    if outside it; ``titles`` an optional list of N strings."""
+    return _finish(_image_figure(images, titles, ncols, cmap), path)
+
+
+@_styled
+def plot_misclassified(x, y_true, y_pred, proba, class_names, n=20, path=None):
+    """The ``n`` most confident mistakes, titled "true / pred (confidence%)".
+
+    x: (N, C, H, W), y_true and y_pred: (N,), proba: (N, K) predicted probabilities.
+    """
+    y_true, y_pred, proba = np.asarray(y_true), np.asarray(y_pred), np.asarray(proba)
+    wrong = np.flatnonzero(y_true != y_pred)
+    if len(wrong) == 0:
+        fig, ax = plt.subplots(figsize=(4, 1))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no misclassified examples", ha="center", va="center")
+        return _finish(fig, path)
+    confidence = proba[wrong, y_pred[wrong]]
+    worst = wrong[np.argsort(-confidence, kind="stable")[:n]]
+    titles = [f"{class_names[y_true[i]]} / {class_names[y_pred[i]]} ({100 * proba[i, y_pred[i]]:.0f}%)"
+              for i in worst]
+    fig = _image_figure(x[worst], titles, 10, "gray")
+    fig.suptitle("most confident mistakes: true / predicted (confidence)", y=1.02)
+    return _finish(fig, path)
+
+
+@_styled
+def plot_filters(W, path=None, title=None, max_channels=8, ncols=16):
+    """Conv weights W: (F, C, kh, kw) as one image.
+
+    C == 3: one RGB tile per filter, each min-max scaled to [0, 1].
+    Otherwise: one tile per (input channel, filter) for the first
+    ``max_channels`` channels (rows = channels, columns = filters), on a
+    diverging colour map centred at 0 (red positive, blue negative).
+    """
+    W = np.asarray(W, dtype=float)
+    F, C, kh, kw = W.shape
+    c = 3 if C == 3 else min(C, max_channels)
+    if C == 3:
+        lo, hi = W.min(axis=(1, 2, 3), keepdims=True), W.max(axis=(1, 2, 3), keepdims=True)
+        tiles = ((W - lo) / np.where(hi > lo, hi - lo, 1)).transpose(0, 2, 3, 1)   # (F, kh, kw, 3)
+        image = _mosaic(tiles, min(F, ncols), fill=1.0)
+    else:                                                          # rows = channels, columns = filters
+        tiles = W[:, :c].transpose(1, 0, 2, 3).reshape(c * F, kh, kw)
+        image = _mosaic(tiles, F if c > 1 else min(F, ncols), fill=np.nan)
+    inch = min(0.12, 12 / image.shape[1], 8 / image.shape[0])      # size of one weight on the page
+    fig, ax = plt.subplots(figsize=(inch * image.shape[1] + 1, inch * image.shape[0] + 0.6))
+    if C == 3:
+        ax.imshow(image)
+    else:
+        m = np.abs(W[:, :c]).max() or 1.0
+        shown = ax.imshow(image, cmap="RdBu_r", vmin=-m, vmax=m)
+        fig.colorbar(shown, cax=make_axes_locatable(ax).append_axes("right", size=0.15, pad=0.1))
+    if C not in (1, 3):
+        ax.set(xlabel="filter", ylabel="input channel" + (f"\n(first {c} of {C})" if c < C else ""))
+    ax.set(xticks=[], yticks=[], title=title or f"filters {W.shape}")
+    ax.grid(False)
+    return _finish(fig, path)
+
+
+def feature_maps(model, x):
+    """Run ``model`` (inference mode) layer by layer on x: (N, C, H, W) or one (C, H, W).
+
+    Returns a list of (label, activation), one per layer; every activation keeps
+    the batch axis, e.g. (1, 32, 28, 28) for one MNIST image after the first conv.
+    """
+    x = np.asarray(x)
+    out, maps = (x[None] if x.ndim == 3 else x), []
+    for layer in model.layers:
+        out = layer.forward(out, training=False)
+        maps.append((layer.label() if hasattr(layer, "label") else type(layer).__name__, out))
+    return maps
+
+
+@_styled
+def plot_feature_maps(activation, title=None, max_maps=32, path=None):
+    """The first ``max_maps`` channels of one example's activation (C, H, W), each
+    on its own colour scale."""
+    activation = np.asarray(activation)
+    if activation.ndim != 3:
+        raise ValueError(f"expected one example's activation (C, H, W), got {activation.shape}; "
+                         "take one example, e.g. maps[k][1][0]")
+    shown = activation[:max_maps]
+    fig, axes = _grid(len(shown), 8, tile=1.2, height=1.35)
+    for c, (ax, fmap) in enumerate(zip(axes, shown)):
+        ax.imshow(fmap, cmap="viridis")
+        ax.set_title(f"channel {c}", fontsize=8)
+    fig.suptitle(title or f"feature maps {activation.shape}")
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def input_gradient(model, x, labels):
+    """Saliency: d logit[n, labels[n]] / d x[n] by our own backward pass.
+
+    x: (N, ...) or one example (C, H, W); labels: (N,) ints or one int.
+    Layers run with training=True so they keep their caches, except Dropout,
+    which runs in inference mode (identity) and is skipped on the way back.
+    Returns an array of x's shape (pass a few examples at a time: every layer
+    keeps its cache for the whole batch until the next forward pass).
+    """
+    x = np.asarray(x)
+    out = xb = x[None] if x.ndim == 3 else x
+    for layer in model.layers:
+        out = layer.forward(out, training=not isinstance(layer, Dropout))
+    labels = np.broadcast_to(np.asarray(labels), (len(xb),))
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= out.shape[1]:
+        raise ValueError(f"labels must be ints in 0..{out.shape[1] - 1}, got {labels}")
+    dout = np.zeros_like(out)
+    dout[np.arange(len(xb)), labels] = 1
+    for layer in reversed(model.layers):
+        if not isinstance(layer, Dropout):
+            dout = layer.backward(dout)
+    return dout.reshape(x.shape)
+
+
+@_styled
+def plot_saliency(x, grads, titles=None, path=None):
+    """Images x: (N, C, H, W) on top, |gradient| (max over channels) below.
+
+    grads: same shape as x, e.g. from ``input_gradient``.
+    """
+    x, grads = np.asarray(x), np.asarray(grads)
+    n = len(x)
+    fig, axes = plt.subplots(2, n, figsize=(1.4 * n, 3.2), squeeze=False)
+    for k in range(n):
+        axes[0, k].imshow(_to_display(x[k]), cmap="gray", vmin=0, vmax=1)
+        axes[1, k].imshow(np.abs(grads[k]).max(axis=0), cmap="magma")
+        if titles is not None:
+            axes[0, k].set_title(titles[k], fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    axes[1, 0].set_title("|gradient|", fontsize=8, loc="left")
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def occlusion_map(model, x, label, patch=4, stride=2, fill=0.0, batch_size=256):
+    """Probability of ``label`` while a ``patch`` x ``patch`` square of value ``fill``
+    slides with ``stride`` over ONE image x: (C, H, W).
+
+    Returns (OH, OW) with OH = (H - patch) // stride + 1 (likewise OW); entry
+    (i, j) is the probability with pixels [i*stride : i*stride+patch, j*stride :
+    j*stride+patch] occluded. Occluded copies are built and classified
+    ``batch_size`` at a time.
+    """
+    x = np.asarray(x)
+    C, H, W = x.shape
+    if not 1 <= patch <= min(H, W) or stride < 1:
+        raise ValueError(f"need 1 <= patch <= {min(H, W)} and stride >= 1, got {patch}, {stride}")
+    OH, OW = (H - patch) // stride + 1, (W - patch) // stride + 1
+    starts_h, starts_w = np.arange(OH) * stride, np.arange(OW) * stride
+    in_row = (np.arange(H) >= starts_h[:, None]) & (np.arange(H) < starts_h[:, None] + patch)    # (OH, H)
+    in_col = (np.arange(W) >= starts_w[:, None]) & (np.arange(W) < starts_w[:, None] + patch)    # (OW, W)
+    probs = np.empty(OH * OW)
+    for s in range(0, OH * OW, batch_size):
+        i, j = np.divmod(np.arange(s, min(s + batch_size, OH * OW)), OW)
+        mask = in_row[i][:, None, :, None] & in_col[j][:, None, None, :]                      # (B, 1, H, W)
+        copies = np.where(mask, np.asarray(fill, dtype=x.dtype), x[None])
+        probs[s:s + len(i)] = model.predict_proba(copies, batch_size)[:, label]
+    return probs.reshape(OH, OW)
