@@ -79,42 +79,45 @@ def output_size(size, kernel, stride, padding):
     return (size + 2 * padding - kernel) // stride + 1
 
 
-def _pad(x, padding):
+def _pad(x, padding, axes=(2, 3)):
+    """Zero-pad two spatial ``axes`` by ``padding = (ph, pw)`` on both sides."""
     ph, pw = padding
     if ph == pw == 0:
         return x
-    return np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    shape, inner = list(x.shape), [slice(None)] * x.ndim
+    for axis, p in zip(axes, padding):
+        shape[axis] += 2 * p
+        inner[axis] = slice(p, p + x.shape[axis])
+    xp = np.zeros(shape, dtype=x.dtype)
+    xp[tuple(inner)] = x
+    return xp
 
 
-def _unpad(xp, padding):
-    ph, pw = padding
-    return xp[:, :, ph:xp.shape[2] - ph, pw:xp.shape[3] - pw]
+def _offset(p, out_size, stride):
+    """Input positions i*stride + p for i = 0..out_size-1, as a slice.
 
-
-def _windows(xp, kernel, stride):
-    """Strided view of every window: (N, C, H, W) -> (N, C, OH, OW, kh, kw).
-
-    No data is copied: ``sliding_window_view`` makes every position a view and
-    the step ``[::sh, ::sw]`` keeps one position per stride.
+    Window offset (p, q) of a conv or pool with output (OH, OW) reads the
+    strided slice ``x[..., _offset(p, OH, sh), _offset(q, OW, sw)]``: looping
+    over the kh*kw offsets visits every window element with whole-array
+    operations, the same trick for convolution and pooling, forward and backward.
     """
-    sh, sw = stride
-    return sliding_window_view(xp, kernel, axis=(2, 3))[:, :, ::sh, ::sw]
+    return slice(p, p + stride * (out_size - 1) + 1, stride)
 
 
-def _col2im(dwin, padded_shape, stride):
-    """Adjoint of ``_windows``: add each window's gradient back to its pixels.
+def _col2im(dcols, padded_shape, stride):
+    """Add each window's gradient back to the pixels it was read from.
 
-    dwin: (N, C, OH, OW, kh, kw) -> dxp: ``padded_shape`` (N, C, Hp, Wp).
-    Window offset (p, q) touches pixels (i*sh + p, j*sw + q) for all i, j, a
-    strided slice, so kh*kw slice additions cover everything. Overlapping
-    windows simply add up, which is what the chain rule asks for.
+    dcols: (N, OH, OW, kh, kw, C) -> dxp: ``padded_shape`` (N, Hp, Wp, C).
+    Offset (p, q) touches pixels (i*sh + p, j*sw + q), one strided slice, so kh*kw
+    slice additions cover everything; overlapping windows add up, as the chain
+    rule asks.
     """
-    _, _, OH, OW, kh, kw = dwin.shape
+    _, OH, OW, kh, kw, _ = dcols.shape
     sh, sw = stride
-    dxp = np.zeros(padded_shape, dtype=dwin.dtype)
+    dxp = np.zeros(padded_shape, dtype=dcols.dtype)
     for p in range(kh):
         for q in range(kw):
-            dxp[:, :, p:p + sh * (OH - 1) + 1:sh, q:q + sw * (OW - 1) + 1:sw] += dwin[:, :, :, :, p, q]
+            dxp[:, _offset(p, OH, sh), _offset(q, OW, sw)] += dcols[:, :, :, p, q]
     return dxp
 
 
@@ -162,38 +165,44 @@ def conv2d_backward_loop(dout, cache):
                     db[f] += g
                     dW[f] += g * xp[n, :, rows, cols]
                     dxp[n, :, rows, cols] += g * W[f]
-    return _unpad(dxp, padding), dW, db
+    ph, pw = padding
+    return dxp[:, :, ph:dxp.shape[2] - ph, pw:dxp.shape[3] - pw], dW, db
 
 
 def conv2d_forward_vectorized(x, W, b, stride=(1, 1), padding=(0, 0)):
     """Same maths as the loop version as one matrix product (im2col).
 
-    The windows are laid out as rows of ``cols`` (N*OH*OW, C*kh*kw) so that
-    out = cols @ W_mat.T with W_mat = W reshaped to (F, C*kh*kw). The result is
-    returned as an (N, F, OH, OW) *view* of an NHWC-ordered array: no copy is
-    made, and the next layers work on it in that memory order.
+    The work is done in NHWC memory order: every window becomes one row of
+    ``cols`` (N*OH*OW, kh*kw*C) ordered (p, q, c), so each piece copied into it
+    is a contiguous run of C channel values, and out = cols @ W_mat.T with W_mat
+    = W reordered to (F, kh, kw, C). The result is returned as an (N, F, OH, OW)
+    *view* of the NHWC product: no copy, and the next layers keep that order.
     """
     N, C, H, Wd = x.shape
     F, _, kh, kw = W.shape
-    win = _windows(_pad(x, padding), (kh, kw), stride)             # (N, C, OH, OW, kh, kw)
-    OH, OW = win.shape[2:4]
-    cols = win.transpose(0, 2, 3, 1, 4, 5).reshape(N * OH * OW, C * kh * kw)
-    out = cols @ W.reshape(F, -1).T
+    sh, sw = stride
+    xp = _pad(x.transpose(0, 2, 3, 1), padding, axes=(1, 2))        # (N, Hp, Wp, C)
+    win = sliding_window_view(xp, (kh, kw), axis=(1, 2))[:, ::sh, ::sw]   # (N, OH, OW, C, kh, kw)
+    OH, OW = win.shape[1:3]
+    cols = win.transpose(0, 1, 2, 4, 5, 3).reshape(N * OH * OW, kh * kw * C)
+    W_mat = W.transpose(0, 2, 3, 1).reshape(F, kh * kw * C)
+    out = cols @ W_mat.T
     out += b
-    return out.reshape(N, OH, OW, F).transpose(0, 3, 1, 2), (x.shape, cols, W, stride, padding)
+    return out.reshape(N, OH, OW, F).transpose(0, 3, 1, 2), (xp.shape, cols, W_mat, W.shape, stride, padding)
 
 
 def conv2d_backward_vectorized(dout, cache):
-    """dW = g_mat.T @ cols, db = column sums of g_mat, dx = col2im(g_mat @ W_mat)."""
-    x_shape, cols, W, stride, padding = cache
+    """dW = g.T @ cols, db = column sums of g, dx = col2im(g @ W_mat), where
+    g = dout as an (N*OH*OW, F) matrix (free when dout is NHWC-ordered)."""
+    padded_shape, cols, W_mat, w_shape, stride, (ph, pw) = cache
     N, F, OH, OW = dout.shape
-    _, C, kh, kw = W.shape
-    g = dout.transpose(0, 2, 3, 1).reshape(N * OH * OW, F)          # free when dout is NHWC-ordered
-    dW = (g.T @ cols).reshape(W.shape)
+    _, C, kh, kw = w_shape
+    g = dout.transpose(0, 2, 3, 1).reshape(N * OH * OW, F)
+    dW = np.ascontiguousarray((g.T @ cols).reshape(F, kh, kw, C).transpose(0, 3, 1, 2))
     db = g.sum(axis=0)
-    dcols = (g @ W.reshape(F, -1)).reshape(N, OH, OW, C, kh, kw).transpose(0, 3, 1, 2, 4, 5)
-    padded = (N, C, x_shape[2] + 2 * padding[0], x_shape[3] + 2 * padding[1])
-    return _unpad(_col2im(dcols, padded, stride), padding), dW, db
+    dxp = _col2im((g @ W_mat).reshape(N, OH, OW, kh, kw, C), padded_shape, stride)
+    Hp, Wp = padded_shape[1:3]
+    return dxp[:, ph:Hp - ph, pw:Wp - pw].transpose(0, 3, 1, 2), dW, db
 
 
 # Max pooling: out[n, c, i, j] = max_{p, q} x[n, c, i*sh + p, j*sw + q].
@@ -232,20 +241,34 @@ def maxpool_backward_loop(dout, cache):
 
 
 def maxpool_forward_vectorized(x, pool=(2, 2), stride=(2, 2)):
-    """Arg-max over the flattened window axis of the strided window view."""
-    win = _windows(x, pool, stride)
-    flat = win.reshape(win.shape[:4] + (-1,))                        # (N, C, OH, OW, ph*pw)
-    argmax = flat.argmax(axis=-1)
-    out = np.take_along_axis(flat, argmax[..., None], axis=-1)[..., 0]
-    return out, (x.shape, x.dtype, argmax, pool, stride)
+    """Running maximum over the ph*pw window offsets, each a strided slice of x."""
+    (ph, pw), (sh, sw) = pool, stride
+    OH, OW = output_size(x.shape[2], ph, sh, 0), output_size(x.shape[3], pw, sw, 0)
+    out = x[:, :, _offset(0, OH, sh), _offset(0, OW, sw)].copy(order="K")   # keep x's memory order
+    for p in range(ph):
+        for q in range(pw):
+            np.maximum(out, x[:, :, _offset(p, OH, sh), _offset(q, OW, sw)], out=out)
+    return out, (x, out, pool, stride)
 
 
 def maxpool_backward_vectorized(dout, cache):
-    """Route dout to the arg-max of each window (a one-hot mask), then col2im."""
-    x_shape, dtype, argmax, pool, stride = cache
-    onehot = argmax[..., None] == np.arange(pool[0] * pool[1])
-    dwin = (onehot * dout[..., None].astype(dtype, copy=False)).reshape(dout.shape + pool)
-    return _col2im(dwin, x_shape, stride)
+    """Each offset's slice of dx receives dout where that offset holds the window
+    maximum and no earlier offset did (first one on ties, like ``np.argmax``).
+
+    The arg-max is recovered by comparison instead of being stored: boolean
+    masks and products are several times faster than ``np.where`` here.
+    """
+    x, out, (ph, pw), (sh, sw) = cache
+    OH, OW = dout.shape[2:]
+    dx = np.zeros_like(x)                      # same memory order as x, so ReLU's backward is fast
+    unclaimed = np.ones(out.shape, dtype=bool)
+    for p in range(ph):
+        for q in range(pw):
+            rows, cols = _offset(p, OH, sh), _offset(q, OW, sw)
+            winner = (x[:, :, rows, cols] == out) & unclaimed
+            dx[:, :, rows, cols] += dout * winner
+            unclaimed &= ~winner
+    return dx
 
 
 # Average pooling: out[n, c, i, j] = mean_{p, q} x[n, c, i*sh + p, j*sw + q];
@@ -278,15 +301,27 @@ def avgpool_backward_loop(dout, cache):
 
 
 def avgpool_forward_vectorized(x, pool=(2, 2), stride=(2, 2)):
-    """Mean over the two window axes of the strided window view."""
-    return _windows(x, pool, stride).mean(axis=(4, 5), dtype=x.dtype), (x.shape, x.dtype, pool, stride)
+    """Sum of the ph*pw offset slices, divided by ph*pw."""
+    (ph, pw), (sh, sw) = pool, stride
+    OH, OW = output_size(x.shape[2], ph, sh, 0), output_size(x.shape[3], pw, sw, 0)
+    out = np.zeros(x.shape[:2] + (OH, OW), dtype=x.dtype)
+    for p in range(ph):
+        for q in range(pw):
+            out += x[:, :, _offset(p, OH, sh), _offset(q, OW, sw)]
+    out /= ph * pw
+    return out, (x, pool, stride)
 
 
 def avgpool_backward_vectorized(dout, cache):
-    """Spread dout / (ph*pw) over each window (a broadcast view), then col2im."""
-    x_shape, dtype, pool, stride = cache
-    share = (dout / (pool[0] * pool[1])).astype(dtype, copy=False)
-    return _col2im(np.broadcast_to(share[..., None, None], dout.shape + pool), x_shape, stride)
+    """Every offset's slice of dx receives dout / (ph*pw)."""
+    x, (ph, pw), (sh, sw) = cache
+    OH, OW = dout.shape[2:]
+    share = dout / (ph * pw)
+    dx = np.zeros_like(x)
+    for p in range(ph):
+        for q in range(pw):
+            dx[:, :, _offset(p, OH, sh), _offset(q, OW, sw)] += share
+    return dx
 
 
 # Dense (fully connected): out[n, j] = b[j] + sum_i x[n, i] * W[i, j]
@@ -570,7 +605,7 @@ class ReLU(Activation):
         return np.maximum(x, 0)
 
     def grad(self, x, y, dout):
-        return np.where(x > 0, dout, 0)
+        return dout * (x > 0)                  # a boolean mask: far faster than np.where
 
 
 class LeakyReLU(Activation):
