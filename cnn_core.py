@@ -149,8 +149,11 @@ def conv2d_forward_loop(x, W, b, stride=(1, 1), padding=(0, 0)):
     return out, (x, W, stride, padding)
 
 
-def conv2d_backward_loop(dout, cache):
-    """dout: (N, F, OH, OW) -> dx: (N, C, H, W), dW: (F, C, kh, kw), db: (F,)."""
+def conv2d_backward_loop(dout, cache, input_grad=True):
+    """dout: (N, F, OH, OW) -> dx: (N, C, H, W), dW: (F, C, kh, kw), db: (F,).
+
+    dx is None when ``input_grad`` is False (no layer below needs it).
+    """
     x, W, (sh, sw), padding = cache
     N, F, OH, OW = dout.shape
     _, _, kh, kw = W.shape
@@ -164,9 +167,10 @@ def conv2d_backward_loop(dout, cache):
                     rows, cols = slice(i * sh, i * sh + kh), slice(j * sw, j * sw + kw)
                     db[f] += g
                     dW[f] += g * xp[n, :, rows, cols]
-                    dxp[n, :, rows, cols] += g * W[f]
+                    if input_grad:
+                        dxp[n, :, rows, cols] += g * W[f]
     ph, pw = padding
-    return dxp[:, :, ph:dxp.shape[2] - ph, pw:dxp.shape[3] - pw], dW, db
+    return (dxp[:, :, ph:dxp.shape[2] - ph, pw:dxp.shape[3] - pw] if input_grad else None), dW, db
 
 
 def conv2d_forward_vectorized(x, W, b, stride=(1, 1), padding=(0, 0)):
@@ -191,7 +195,7 @@ def conv2d_forward_vectorized(x, W, b, stride=(1, 1), padding=(0, 0)):
     return out.reshape(N, OH, OW, F).transpose(0, 3, 1, 2), (xp.shape, cols, W_mat, W.shape, stride, padding)
 
 
-def conv2d_backward_vectorized(dout, cache):
+def conv2d_backward_vectorized(dout, cache, input_grad=True):
     """dW = g.T @ cols, db = column sums of g, dx = col2im(g @ W_mat), where
     g = dout as an (N*OH*OW, F) matrix (free when dout is NHWC-ordered)."""
     padded_shape, cols, W_mat, w_shape, stride, (ph, pw) = cache
@@ -200,6 +204,8 @@ def conv2d_backward_vectorized(dout, cache):
     g = dout.transpose(0, 2, 3, 1).reshape(N * OH * OW, F)
     dW = np.ascontiguousarray((g.T @ cols).reshape(F, kh, kw, C).transpose(0, 3, 1, 2))
     db = g.sum(axis=0)
+    if not input_grad:
+        return None, dW, db
     dxp = _col2im((g @ W_mat).reshape(N, OH, OW, kh, kw, C), padded_shape, stride)
     Hp, Wp = padded_shape[1:3]
     return dxp[:, ph:Hp - ph, pw:Wp - pw].transpose(0, 3, 1, 2), dW, db
@@ -241,33 +247,39 @@ def maxpool_backward_loop(dout, cache):
 
 
 def maxpool_forward_vectorized(x, pool=(2, 2), stride=(2, 2)):
-    """Running maximum over the ph*pw window offsets, each a strided slice of x."""
+    """Running maximum over the ph*pw window offsets, each a strided slice of x.
+    Only the maximum is computed: the arg-max is found in the backward pass, so
+    inference does not pay for it."""
     (ph, pw), (sh, sw) = pool, stride
     OH, OW = output_size(x.shape[2], ph, sh, 0), output_size(x.shape[3], pw, sw, 0)
     out = x[:, :, _offset(0, OH, sh), _offset(0, OW, sw)].copy(order="K")   # keep x's memory order
-    for p in range(ph):
-        for q in range(pw):
-            np.maximum(out, x[:, :, _offset(p, OH, sh), _offset(q, OW, sw)], out=out)
+    for k in range(1, ph * pw):
+        np.maximum(out, x[:, :, _offset(k // pw, OH, sh), _offset(k % pw, OW, sw)], out=out)
     return out, (x, out, pool, stride)
 
 
 def maxpool_backward_vectorized(dout, cache):
-    """Each offset's slice of dx receives dout where that offset holds the window
-    maximum and no earlier offset did (first one on ties, like ``np.argmax``).
+    """Offset k's slice of dx receives dout where k is the window's arg-max.
 
-    The arg-max is recovered by comparison instead of being stored: boolean
-    masks and products are several times faster than ``np.where`` here.
+    argmax = the smallest k whose slice equals the output (np.argmax's rule on
+    ties), computed as min over k of (k if equal else K) with boolean arithmetic,
+    which is several times faster than np.where.
     """
     x, out, (ph, pw), (sh, sw) = cache
     OH, OW = dout.shape[2:]
-    dx = np.zeros_like(x)                      # same memory order as x, so ReLU's backward is fast
-    unclaimed = np.ones(out.shape, dtype=bool)
-    for p in range(ph):
-        for q in range(pw):
-            rows, cols = _offset(p, OH, sh), _offset(q, OW, sw)
-            winner = (x[:, :, rows, cols] == out) & unclaimed
-            dx[:, :, rows, cols] += dout * winner
-            unclaimed &= ~winner
+    K = ph * pw
+    index = np.int8 if K < 127 else np.int32
+    offsets = [(_offset(k // pw, OH, sh), _offset(k % pw, OW, sw)) for k in range(K)]
+    argmax = np.full_like(out, K, dtype=index)
+    for k, (rows, cols) in enumerate(offsets):
+        np.minimum(argmax, K - (x[:, :, rows, cols] == out) * index(K - k), out=argmax)
+    dx = np.zeros_like(x)                      # x's memory order, so the next backward stays fast
+    overlapping = sh < ph or sw < pw
+    for k, (rows, cols) in enumerate(offsets):
+        if overlapping:                        # a pixel in several windows collects every share
+            dx[:, :, rows, cols] += dout * (argmax == k)
+        else:                                  # each pixel is in one window: write, don't add
+            np.multiply(dout, argmax == k, out=dx[:, :, rows, cols])
     return dx
 
 
@@ -336,8 +348,8 @@ def dense_forward_loop(x, W, b):
     return out, (x, W)
 
 
-def dense_backward_loop(dout, cache):
-    """dout: (N, M) -> dx: (N, D), dW: (D, M), db: (M,)."""
+def dense_backward_loop(dout, cache, input_grad=True):
+    """dout: (N, M) -> dx: (N, D) (None unless ``input_grad``), dW: (D, M), db: (M,)."""
     x, W = cache
     dx, dW, db = np.zeros_like(x), np.zeros_like(W), np.zeros(W.shape[1], dtype=W.dtype)
     for n in range(x.shape[0]):
@@ -345,8 +357,9 @@ def dense_backward_loop(dout, cache):
             g = dout[n, j]
             db[j] += g
             dW[:, j] += g * x[n]
-            dx[n] += g * W[:, j]
-    return dx, dW, db
+            if input_grad:
+                dx[n] += g * W[:, j]
+    return (dx if input_grad else None), dW, db
 
 
 def dense_forward_vectorized(x, W, b):
@@ -354,10 +367,10 @@ def dense_forward_vectorized(x, W, b):
     return x @ W + b, (x, W)
 
 
-def dense_backward_vectorized(dout, cache):
+def dense_backward_vectorized(dout, cache, input_grad=True):
     """dx = dout @ W.T, dW = x.T @ dout, db = column sums of dout."""
     x, W = cache
-    return dout @ W.T, x.T @ dout, dout.sum(axis=0)
+    return (dout @ W.T if input_grad else None), x.T @ dout, dout.sum(axis=0)
 
 
 # ---------------------------------------------------------------------------
@@ -445,8 +458,27 @@ class ParamLayer(Layer):
     def dtype(self):
         return self.params["W"].dtype
 
-    def _store_grads(self, dW, db):
+    functions = {}        # impl -> (forward, backward), given by each subclass
+
+    def check(self, x):
+        """Raise ValueError unless x is a valid input (each subclass says what that is)."""
+
+    def hyperparameters(self):
+        """Extra arguments of the forward function after (x, W, b)."""
+        return ()
+
+    def forward(self, x, training=True):
+        self.check(x)
+        out, cache = self.functions[self.impl][0](x.astype(self.dtype, copy=False), self.params["W"],
+                                                  self.params["b"], *self.hyperparameters())
+        self._cache = cache if training else None
+        return out
+
+    def backward(self, dout, input_grad=True):
+        """Fill ``grads`` and return dx (None when ``input_grad`` is False)."""
+        dx, dW, db = self.functions[self.impl][1](dout, self._cached(), input_grad)
         self.grads = {"W": dW, "b": db}
+        return dx
 
 
 class Conv2D(ParamLayer):
@@ -473,23 +505,18 @@ class Conv2D(ParamLayer):
                     kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
                     impl=self.impl)
 
-    def forward(self, x, training=True):
+    functions = {"loop": (conv2d_forward_loop, conv2d_backward_loop),
+                 "vectorized": (conv2d_forward_vectorized, conv2d_backward_vectorized)}
+
+    def hyperparameters(self):
+        return self.stride, self.padding
+
+    def check(self, x):
         check_input(x, "Conv2D", "NCHW", self.in_channels)
         for axis, size, k, p in zip("HW", x.shape[2:], self.kernel_size, self.padding):
             if size + 2 * p < k:
                 raise ValueError(f"Conv2D: input {axis}={size} with padding {p} is smaller "
                                  f"than the kernel ({k}); input shape {x.shape}")
-        fn = conv2d_forward_loop if self.impl == "loop" else conv2d_forward_vectorized
-        out, cache = fn(x.astype(self.dtype, copy=False), self.params["W"], self.params["b"],
-                        self.stride, self.padding)
-        self._cache = cache if training else None
-        return out
-
-    def backward(self, dout):
-        fn = conv2d_backward_loop if self.impl == "loop" else conv2d_backward_vectorized
-        dx, dW, db = fn(dout, self._cached())
-        self._store_grads(dW, db)
-        return dx
 
 
 class Dense(ParamLayer):
@@ -509,18 +536,11 @@ class Dense(ParamLayer):
     def config(self):
         return dict(in_features=self.in_features, out_features=self.out_features, impl=self.impl)
 
-    def forward(self, x, training=True):
-        check_input(x, "Dense", "ND", self.in_features)
-        fn = dense_forward_loop if self.impl == "loop" else dense_forward_vectorized
-        out, cache = fn(x.astype(self.dtype, copy=False), self.params["W"], self.params["b"])
-        self._cache = cache if training else None
-        return out
+    functions = {"loop": (dense_forward_loop, dense_backward_loop),
+                 "vectorized": (dense_forward_vectorized, dense_backward_vectorized)}
 
-    def backward(self, dout):
-        fn = dense_backward_loop if self.impl == "loop" else dense_backward_vectorized
-        dx, dW, db = fn(dout, self._cached())
-        self._store_grads(dW, db)
-        return dx
+    def check(self, x):
+        check_input(x, "Dense", "ND", self.in_features)
 
 
 class _Pool2D(Layer):
@@ -651,11 +671,16 @@ class Flatten(Layer):
         if not isinstance(x, np.ndarray) or x.ndim < 2 or x.shape[0] == 0:
             raise ValueError(f"Flatten: expected a non-empty batch of rank >= 2, "
                              f"got {getattr(x, 'shape', type(x).__name__)}")
-        self._cache = x.shape if training else None
+        self._cache = x if training else None
         return x.reshape(x.shape[0], -1)
 
     def backward(self, dout):
-        return dout.reshape(self._cached())
+        # Hand the gradient back in the memory order of the input (NHWC after
+        # vectorized conv/pool layers) so the layers below never mix layouts.
+        x = self._cached()
+        dx = np.empty_like(x)
+        dx[...] = dout.reshape(x.shape)
+        return dx
 
 
 class Dropout(Layer):
@@ -777,10 +802,18 @@ class Sequential:
             x = layer.forward(x, training)
         return x
 
-    def backward(self, dout):
-        for layer in reversed(self.layers):
+    def backward(self, dout, input_grad=True):
+        """Backpropagate dout (the gradient of the loss w.r.t. the output) through
+        every layer, filling their ``grads``; return the gradient w.r.t. the input.
+
+        Training needs no input gradient: with ``input_grad=False`` a first layer
+        with parameters skips it (one product and a col2im fewer) and None is returned.
+        """
+        for layer in reversed(self.layers[1:]):
             dout = layer.backward(dout)
-        return dout
+        first = self.layers[0]
+        return first.backward(dout, input_grad=False) if not input_grad and isinstance(first, ParamLayer) \
+            else first.backward(dout)
 
     def parameters(self):
         """Yield ``(key, param, grad)`` for every parameter; key is 'layer_index.name'."""
@@ -809,14 +842,15 @@ class Sequential:
                 layer.impl = impl
         return self
 
-    def predict_proba(self, x, batch_size=1000):
-        """Class probabilities (N, K), computed in batches to bound memory."""
+    def predict_proba(self, x, batch_size=64):
+        """Class probabilities (N, K), computed in batches: small batches keep each
+        layer's im2col matrix in cache (64 measured fastest on a 2-core CPU)."""
         if len(x) == 0:
             raise ValueError(f"predict: received an empty batch, shape {np.shape(x)}")
         return np.concatenate([softmax(self.forward(x[i:i + batch_size], training=False))
                                for i in range(0, len(x), batch_size)])
 
-    def predict(self, x, batch_size=1000):
+    def predict(self, x, batch_size=64):
         """Predicted class indices (N,)."""
         return self.predict_proba(x, batch_size).argmax(axis=1)
 
@@ -1091,7 +1125,7 @@ def format_report(report, digits=4):
     return "\n".join(lines)
 
 
-def evaluate(model, x, y, batch_size=1000):
+def evaluate(model, x, y, batch_size=64):
     """Mean cross-entropy and accuracy of ``model`` on (x, y), in batches."""
     loss_fn, total_loss, correct = SoftmaxCrossEntropy(), 0.0, 0
     for i in range(0, len(x), batch_size):
@@ -1209,7 +1243,7 @@ def fit(model, x, y, optimizer, epochs, batch_size=64, validation=None, schedule
                 raise FloatingPointError(
                     f"training diverged: the loss became {loss} at epoch {epoch + 1}, batch {b + 1} "
                     f"(learning rate {optimizer.lr:g}); lower the learning rate or check the input scaling")
-            model.backward(loss_fn.backward())
+            model.backward(loss_fn.backward(), input_grad=False)
             optimizer.step(model)
             seen += len(index)
             loss_sum += loss * len(index)

@@ -148,6 +148,23 @@ def test_sequential_set_impl_gives_the_same_network_output():
     np.testing.assert_allclose(slow, fast, rtol=1e-10)
 
 
+@pytest.mark.parametrize("impl", C.IMPLS)
+@pytest.mark.parametrize("first,x_shape,features", [
+    (lambda impl: C.Conv2D(1, 2, 3, impl=impl, dtype=F64), (2, 1, 4, 4), 8),
+    (lambda impl: C.Dense(16, 2, impl=impl, dtype=F64), (2, 16), 2)])
+def test_skipping_the_input_gradient_leaves_parameter_gradients_unchanged(impl, first, x_shape, features):
+    model = C.Sequential([first(impl), C.ReLU(impl=impl), C.Flatten(), C.Dense(features, 3, impl=impl, dtype=F64)])
+    x = np.random.default_rng(0).standard_normal(x_shape)
+    dout = np.random.default_rng(1).standard_normal((2, 3))
+    model.forward(x)
+    assert model.backward(dout).shape == x.shape
+    full = [g.copy() for _, _, g in model.parameters()]
+    model.forward(x)
+    assert model.backward(dout, input_grad=False) is None
+    for before, (key, _, after) in zip(full, model.parameters()):
+        np.testing.assert_array_equal(before, after, err_msg=key)
+
+
 # ---------------------------------------------------------------------------
 # finite-difference gradient checks (float64)
 # ---------------------------------------------------------------------------
