@@ -1136,6 +1136,34 @@ def evaluate(model, x, y, batch_size=64):
     return total_loss / len(x), correct / len(x)
 
 
+def random_crop(x, rng, padding):
+    """Shift each image by up to ``padding`` pixels: zero-pad, then cut a random
+    (H, W) window per image. x: (N, C, H, W) -> (N, C, H, W)."""
+    N, _, H, W = x.shape
+    xp = _pad(x, (padding, padding))
+    windows = sliding_window_view(xp, (H, W), axis=(2, 3))           # (N, C, 2p+1, 2p+1, H, W)
+    dy, dx = rng.integers(0, 2 * padding + 1, size=(2, N))
+    return windows[np.arange(N), :, dy, dx]
+
+
+def random_flip(x, rng):
+    """Mirror a random half of the images left-right. x: (N, C, H, W)."""
+    flip = rng.random(len(x)) < 0.5
+    out = x.copy()
+    out[flip] = x[flip, :, :, ::-1]
+    return out
+
+
+def augmentation(crop=0, flip=False):
+    """An ``augment(x, rng)`` for ``fit``: random shifts of up to ``crop`` pixels
+    and, if ``flip``, random horizontal mirroring (not for digits: a mirrored 2 is no 2)."""
+    def augment(x, rng):
+        if crop:
+            x = random_crop(x, rng, crop)
+        return random_flip(x, rng) if flip else x
+    return augment
+
+
 @dataclass
 class History:
     """Per-epoch record of a training run (lists of floats, one entry per epoch)."""

@@ -480,3 +480,27 @@ def test_float64_model_stays_float64():
     model = C.mnist_cnn(channels=(2,), hidden=4).astype(np.float64)
     x = np.random.default_rng(0).random((2, 1, 28, 28))
     assert model.forward(x).dtype == np.float64
+
+
+def test_random_crop_shifts_each_image_within_the_padding():
+    x = np.random.default_rng(0).random((6, 2, 5, 4), dtype=np.float32)
+    out = C.random_crop(x, np.random.default_rng(1), padding=2)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    padded = np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2)))
+    shifts = set()
+    for n in range(len(x)):
+        matches = [(dy, dx) for dy in range(5) for dx in range(5)
+                   if np.array_equal(out[n], padded[n, :, dy:dy + 5, dx:dx + 4])]
+        assert matches, f"image {n} is not a shift of its input"
+        shifts.add(matches[0])
+    assert len(shifts) > 1                                  # the shifts are random, not all equal
+    np.testing.assert_array_equal(C.random_crop(x, np.random.default_rng(1), padding=0), x)
+
+
+def test_random_flip_mirrors_some_images_and_keeps_the_rest():
+    x = np.random.default_rng(0).random((40, 1, 3, 4))
+    out = C.random_flip(x, np.random.default_rng(2))
+    flipped = [np.array_equal(o, i[..., ::-1]) for o, i in zip(out, x)]
+    kept = [np.array_equal(o, i) for o, i in zip(out, x)]
+    assert all(f or k for f, k in zip(flipped, kept)) and 5 < sum(flipped) < 35
+    assert C.augmentation()(x, np.random.default_rng(0)) is x
