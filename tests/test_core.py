@@ -15,43 +15,14 @@ F64 = np.float64
 # helpers
 # ---------------------------------------------------------------------------
 
-def numeric_grad(f, a, h=1e-6):
-    """Central differences of the scalar function f() with respect to array a."""
-    grad = np.zeros_like(a)
-    for idx in np.ndindex(a.shape):
-        old = a[idx]
-        a[idx] = old + h
-        plus = f()
-        a[idx] = old - h
-        minus = f()
-        a[idx] = old
-        grad[idx] = (plus - minus) / (2 * h)
-    return grad
+numeric_grad, rel_error, gradient_errors = C.numeric_gradient, C.relative_error, C.gradient_errors
 
 
-def rel_error(analytic, numeric):
-    """||a - n|| / (||a|| + ||n||): 0 for equal arrays, scale-free otherwise."""
-    denom = np.linalg.norm(analytic) + np.linalg.norm(numeric)
-    return np.linalg.norm(analytic - numeric) / max(denom, 1e-12)
-
-
-def gradient_errors(layer, x, seed=0):
-    """Relative errors of the input gradient and every parameter gradient of
-    ``layer`` for the loss L = sum(layer(x) * R) with a random R."""
-    rng = np.random.default_rng(seed)
-    R = rng.standard_normal(layer.forward(x).shape)
-    reset = getattr(layer, "rng", None) and np.random.default_rng(123)
-
-    def loss():
-        if reset is not None:       # same dropout mask on every call
-            layer.rng = np.random.default_rng(123)
-        return float(np.sum(layer.forward(x, training=True) * R))
-
-    loss()
-    analytic = {"x": layer.backward(R)}
-    analytic.update({k: v.copy() for k, v in layer.grads.items()})
-    arrays = {"x": x, **layer.params}
-    return {name: rel_error(analytic[name], numeric_grad(loss, arrays[name])) for name in arrays}
+def test_numeric_gradient_and_relative_error_on_a_known_function():
+    a = np.array([[1.0, -2.0], [0.5, 3.0]])
+    np.testing.assert_allclose(numeric_grad(lambda: np.sum(a ** 3), a), 3 * a ** 2, rtol=1e-8)
+    assert rel_error(a, a) == 0 and rel_error(a, -a) == 1
+    assert rel_error(a, a * (1 + 1e-3)) == pytest.approx(5e-4, rel=1e-2)
 
 
 def random_conv_cases(count, seed=0):
@@ -237,19 +208,7 @@ def test_whole_network_gradient():
         C.Dense(6, 6, dtype=F64), C.Sigmoid(), C.Dense(6, 4, dtype=F64)], seed=1)
     rng = np.random.default_rng(13)
     x, y = rng.standard_normal((3, 2, 8, 8)), np.array([0, 3, 1])
-    dropout = model.layers[9]
-
-    def loss():
-        dropout.rng = np.random.default_rng(5)
-        return C.SoftmaxCrossEntropy().forward(model.forward(x, training=True), y)
-
-    loss_fn = C.SoftmaxCrossEntropy()
-    dropout.rng = np.random.default_rng(5)
-    loss_fn.forward(model.forward(x, training=True), y)
-    dx = model.backward(loss_fn.backward())
-    errors = {"x": rel_error(dx, numeric_grad(loss, x))}
-    for key, param, grad in model.parameters():
-        errors[key] = rel_error(grad, numeric_grad(loss, param))
+    errors = C.gradient_errors(model, x, y)
     assert len(errors) == 1 + 2 * 5
     assert max(errors.values()) < TOLERANCE, errors
 

@@ -3,7 +3,8 @@ export them together through nbconvert's LaTeX route (xelatex).
 
     python tools/build_report.py            # full run: notebooks executed in place,
                                             # figures/ and report.pdf at the top level
-    python tools/build_report.py --quick    # small subset, one epoch (a few minutes)
+    python tools/build_report.py --quick    # small subset, one epoch (a few minutes),
+                                            # into build/quick/
     python tools/build_report.py --quick --out /tmp/r   # into another folder
 
 The notebooks read two environment variables that this script sets:
@@ -74,7 +75,8 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=None,
                         help="write notebooks, runs/, figures/ and report.pdf here (default: the repository)")
     args = parser.parse_args(argv)
-    out = (args.out or ROOT).resolve()
+    # A quick run never overwrites the committed notebooks, figures or report.
+    out = (args.out or (ROOT / "build" / "quick" if args.quick else ROOT)).resolve()
     os.environ["CNN_QUICK"] = "1" if args.quick else "0"
     os.environ["CNN_OUT"] = str(out)
     sources = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
@@ -82,7 +84,7 @@ def main(argv=None):
         sys.exit(f"no notebooks found in {NOTEBOOKS}")
     began = time.time()
     print(f"executing {len(sources)} notebooks ({'quick' if args.quick else 'full'} mode) into {out}")
-    executed = [execute(src, out / "notebooks" / src.name if args.out else src) for src in sources]
+    executed = [execute(src, src if out == ROOT else out / "notebooks" / src.name) for src in sources]
     export_pdf(merge(executed), out / "report.pdf")
     print(f"wrote {out / 'report.pdf'} in {time.time() - began:.0f} s")
 

@@ -1,0 +1,83 @@
+"""Set-up shared by the report notebooks: paths, the quick mode, the MNIST
+recipe, and training that reuses finished runs and resumes interrupted ones.
+
+Environment (set by ``tools/build_report.py``; defaults suit a student who
+opens a notebook in Jupyter):
+  CNN_QUICK=1   small subsets and one epoch, to prove the pipeline in minutes
+  CNN_OUT=dir   where runs/ and figures/ go (default: the repository)
+"""
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+import cnn_core as C  # noqa: E402
+import cnn_data as D  # noqa: E402
+
+QUICK = os.environ.get("CNN_QUICK") == "1"
+OUT = Path(os.environ.get("CNN_OUT", ROOT))
+RUNS = OUT / "runs" / ("quick" if QUICK else "full")
+FIGURES = OUT / "figures"
+
+# The MNIST recipe of the report (notebook 1 trains it, the others reuse it).
+MNIST_EPOCHS = 1 if QUICK else 12
+MNIST_LR = 1e-3
+MNIST_SHIFT = 2          # pixels of random shift (augmentation)
+
+
+def subset(data, train, val, test):
+    """The first ``train``/``val``/``test`` examples of each split of a Dataset."""
+    return dataclasses.replace(data, x_train=data.x_train[:train], y_train=data.y_train[:train],
+                               x_val=data.x_val[:val], y_val=data.y_val[:val],
+                               x_test=data.x_test[:test], y_test=data.y_test[:test])
+
+
+def load(dataset="mnist"):
+    """MNIST or Fashion-MNIST (55,000 / 5,000 / 10,000), a small subset in quick mode."""
+    data = D.load_mnist(dataset=dataset)
+    return subset(data, 2000, 500, 1000) if QUICK else data
+
+
+def save_json(path, obj):
+    """Write JSON atomically (temporary file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1, default=float)
+    os.replace(tmp, path)
+
+
+def train_or_load(name, build, data, optimizer, epochs, **fit_kwargs):
+    """Train ``build()`` on ``data`` unless runs/<name>.npz already exists.
+
+    An interrupted run resumes from its per-epoch checkpoint (same result as an
+    uninterrupted one). Returns (model, history as a dict).
+    """
+    model_path, history_path = RUNS / f"{name}.npz", RUNS / f"{name}.json"
+    if model_path.exists() and history_path.exists():
+        return C.Sequential.load(model_path), json.loads(history_path.read_text())
+    checkpoint = RUNS / f"{name}.checkpoint.npz"
+    model = build()
+    history = C.fit(model, data.x_train, data.y_train, optimizer, epochs,
+                    validation=(data.x_val, data.y_val), checkpoint=checkpoint,
+                    progress=False, **fit_kwargs).as_dict()
+    model.save(model_path)
+    save_json(history_path, history)
+    checkpoint.unlink()
+    return model, history
+
+
+def mnist_model(data):
+    """The report's MNIST network, trained with the report's recipe (or loaded)."""
+    return train_or_load(
+        "mnist_cnn", lambda: C.mnist_cnn(seed=0), data, C.Adam(MNIST_LR), MNIST_EPOCHS,
+        batch_size=64, schedule=C.cosine_schedule(MNIST_LR, MNIST_EPOCHS, lr_min=1e-5),
+        augment=C.augmentation(crop=MNIST_SHIFT), seed=0)
