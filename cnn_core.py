@@ -404,12 +404,8 @@ class Layer:
         return f"{type(self).__name__}({args})"
 
     def label(self):
-        """Short description for ``Sequential.summary``: config without ``impl``,
-        square pairs written once."""
-        def short(v):
-            return v[0] if isinstance(v, tuple) and len(set(v)) == 1 else v
-        args = ", ".join(f"{k}={short(v)}" for k, v in self.config().items() if k != "impl")
-        return f"{type(self).__name__}({args})"
+        """Short description for tables such as ``Sequential.summary``."""
+        return type(self).__name__
 
     def _cached(self):
         if self._cache is None:
@@ -511,6 +507,12 @@ class Conv2D(ParamLayer):
     def hyperparameters(self):
         return self.stride, self.padding
 
+    def label(self):
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        text = f"Conv2D {self.in_channels}->{self.out_channels} {kh}x{kw}"
+        text += f" stride {sh}" if sh == sw != 1 else f" stride {sh}x{sw}" if sh != sw else ""
+        return text + (f" pad {ph}" if ph == pw != 0 else f" pad {ph}x{pw}" if ph != pw else "")
+
     def check(self, x):
         check_input(x, "Conv2D", "NCHW", self.in_channels)
         for axis, size, k, p in zip("HW", x.shape[2:], self.kernel_size, self.padding):
@@ -542,6 +544,9 @@ class Dense(ParamLayer):
     def check(self, x):
         check_input(x, "Dense", "ND", self.in_features)
 
+    def label(self):
+        return f"Dense {self.in_features}->{self.out_features}"
+
 
 class _Pool2D(Layer):
     """Shared plumbing of the pooling layers; subclasses name their functions."""
@@ -557,6 +562,11 @@ class _Pool2D(Layer):
 
     def config(self):
         return dict(pool_size=self.pool_size, stride=self.stride, impl=self.impl)
+
+    def label(self):
+        (ph, pw), (sh, sw) = self.pool_size, self.stride
+        stride = "" if self.stride == self.pool_size else f" stride {sh}" if sh == sw else f" stride {sh}x{sw}"
+        return f"{type(self).__name__} {ph}x{pw}{stride}"
 
     def forward(self, x, training=True):
         name = type(self).__name__
@@ -638,6 +648,9 @@ class LeakyReLU(Activation):
     def config(self):
         return dict(alpha=self.alpha, impl=self.impl)
 
+    def label(self):
+        return f"LeakyReLU {self.alpha:g}"
+
     def f(self, x):
         return np.where(x > 0, x, self.alpha * x)
 
@@ -696,6 +709,9 @@ class Dropout(Layer):
 
     def config(self):
         return dict(p=self.p)
+
+    def label(self):
+        return f"Dropout {self.p:g}"
 
     def forward(self, x, training=True):
         if not training or self.p == 0:

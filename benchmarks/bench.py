@@ -129,19 +129,6 @@ def layer_macs(layer, out_shape):
     return macs, 2 * macs
 
 
-def layer_name(i, layer):
-    kind = type(layer).__name__
-    if isinstance(layer, cc.Conv2D):
-        F, C, kh, kw = layer.params["W"].shape
-        extra = f" s{layer.stride[0]}" if max(layer.stride) > 1 else ""
-        return f"{i} {kind} {C}->{F} {kh}x{kw}{extra}"
-    if isinstance(layer, cc.Dense):
-        return f"{i} {kind} {layer.params['W'].shape[0]}->{layer.params['W'].shape[1]}"
-    if hasattr(layer, "pool_size"):
-        return f"{i} {kind} {layer.pool_size[0]}x{layer.pool_size[1]}"
-    return f"{i} {kind}"
-
-
 def time_layer(layer, x, dout, repeats, min_s=0.0, warmup=True, max_repeats=5):
     """Median forward(training=True) and backward times; repeats at least ``repeats`` times and
     until ``min_s`` seconds have been spent (at most ``max_repeats`` for the slow loops)."""
@@ -164,7 +151,7 @@ def bench_layers(model, cfg):
     for i, layer in enumerate(model.layers):
         fwd_macs, bwd_macs = layer_macs(layer, douts[i].shape)
         vf, vb = time_layer(layer, inputs[i], douts[i], cfg["layer_repeats"])
-        rows.append({"index": i, "name": layer_name(i, layer), "type": type(layer).__name__,
+        rows.append({"index": i, "name": f"{i} {layer.label()}", "type": type(layer).__name__,
                      "input_shape": list(inputs[i].shape), "output_shape": list(douts[i].shape),
                      "fwd_macs": fwd_macs, "bwd_macs": bwd_macs, "vec_fwd_s": vf, "vec_bwd_s": vb,
                      "has_loop": hasattr(layer, "impl")})
