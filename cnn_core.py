@@ -69,7 +69,7 @@ def check_input(x, layer, layout=None, channels=None):
         raise ValueError(f"{layer}: expected floating-point input, got dtype {x.dtype}; "
                          "convert images first, e.g. x.astype(np.float32) / 255")
     if channels is not None and x.shape[1] != channels:
-        what = "input features" if layout[1] == "D" else "input channels"
+        what = "input features" if layout and layout[1] == "D" else "input channels"
         raise ValueError(f"{layer}: expected {channels} {what} ({layout}), "
                          f"got shape {x.shape}")
 
@@ -373,6 +373,64 @@ def dense_backward_vectorized(dout, cache, input_grad=True):
     return (dout @ W.T if input_grad else None), x.T @ dout, dout.sum(axis=0)
 
 
+# Batch normalisation, per channel c over the m values of every other axis:
+#   mu_c = mean(x_c),  var_c = mean((x_c - mu_c)^2),  xhat = (x - mu_c) / sqrt(var_c + eps),
+#   y = gamma_c * xhat + beta_c
+# Backward, with g = dout (the mean and variance depend on x too):
+#   dbeta_c = sum(g_c),  dgamma_c = sum(g_c * xhat_c),
+#   dx = gamma_c / sqrt(var_c + eps) * (g - dbeta_c / m - xhat * dgamma_c / m)
+
+def batchnorm_forward_loop(x, gamma, beta, eps=1e-5):
+    """x: (N, C, ...) -> y: same shape, channel by channel with the batch's statistics."""
+    y, xhat = np.empty_like(x), np.empty_like(x)
+    mean, var = np.empty(x.shape[1], dtype=x.dtype), np.empty(x.shape[1], dtype=x.dtype)
+    for c in range(x.shape[1]):
+        xc = x[:, c]
+        mean[c] = np.sum(xc) / xc.size
+        var[c] = np.sum((xc - mean[c]) ** 2) / xc.size
+        xhat[:, c] = (xc - mean[c]) / np.sqrt(var[c] + eps)
+        y[:, c] = gamma[c] * xhat[:, c] + beta[c]
+    return y, (xhat, gamma, var, eps, mean)
+
+
+def batchnorm_backward_loop(dout, cache, input_grad=True):
+    """dout: (N, C, ...) -> dx: same shape, dgamma: (C,), dbeta: (C,)."""
+    xhat, gamma, var, eps, _ = cache
+    dx, dgamma, dbeta = np.empty_like(dout), np.empty_like(gamma), np.empty_like(gamma)
+    for c in range(dout.shape[1]):
+        g, m = dout[:, c], dout[:, c].size
+        dbeta[c] = np.sum(g)
+        dgamma[c] = np.sum(g * xhat[:, c])
+        dx[:, c] = gamma[c] / np.sqrt(var[c] + eps) * (g - dbeta[c] / m - xhat[:, c] * dgamma[c] / m)
+    return (dx if input_grad else None), dgamma, dbeta
+
+
+def _channel_axes(x):
+    """Every axis but the channel axis 1, and the shape that broadcasts a (C,) vector."""
+    return (0,) + tuple(range(2, x.ndim)), (1, -1) + (1,) * (x.ndim - 2)
+
+
+def batchnorm_forward_vectorized(x, gamma, beta, eps=1e-5):
+    """Per-channel mean and variance as reductions over all other axes at once."""
+    axes, shape = _channel_axes(x)
+    mean = x.mean(axis=axes, keepdims=True)
+    var = x.var(axis=axes, keepdims=True)
+    xhat = (x - mean) / np.sqrt(var + eps)
+    return gamma.reshape(shape) * xhat + beta.reshape(shape), (xhat, gamma, var.ravel(), eps, mean.ravel())
+
+
+def batchnorm_backward_vectorized(dout, cache, input_grad=True):
+    """The loop version's three lines with sums over all non-channel axes."""
+    xhat, gamma, var, eps, _ = cache
+    axes, shape = _channel_axes(dout)
+    m = dout.size // dout.shape[1]
+    dbeta, dgamma = dout.sum(axis=axes), (dout * xhat).sum(axis=axes)
+    if not input_grad:
+        return None, dgamma, dbeta
+    scale = (gamma / np.sqrt(var + eps)).reshape(shape)
+    return scale * (dout - (dbeta / m).reshape(shape) - xhat * (dgamma / m).reshape(shape)), dgamma, dbeta
+
+
 # ---------------------------------------------------------------------------
 # 3. Layers
 # ---------------------------------------------------------------------------
@@ -384,8 +442,9 @@ class Layer:
     """Base class. ``forward(x, training=True) -> out``, ``backward(dout) -> dx``.
 
     ``params`` maps names to arrays; ``backward`` fills ``grads`` with the same
-    keys and shapes. ``config()`` returns the constructor arguments (used by
-    ``Sequential.save``).
+    keys and shapes. ``buffers`` holds state that is saved but not trained
+    (batch-norm running statistics). ``config()`` returns the constructor
+    arguments (used by ``Sequential.save``).
     """
 
     def __init_subclass__(cls, **kwargs):
@@ -393,7 +452,7 @@ class Layer:
         LAYER_TYPES[cls.__name__] = cls
 
     def __init__(self):
-        self.params, self.grads = {}, {}
+        self.params, self.grads, self.buffers = {}, {}, {}
         self._cache = None
 
     def config(self):
@@ -591,6 +650,138 @@ class AvgPool2D(_Pool2D):
     """Average pooling. x: (N, C, H, W) -> (N, C, OH, OW); stride defaults to pool_size."""
     functions = {"loop": (avgpool_forward_loop, avgpool_backward_loop),
                  "vectorized": (avgpool_forward_vectorized, avgpool_backward_vectorized)}
+
+
+def _as_1d(forward_2d, backward_2d):
+    """Turn 2-D conv functions into 1-D ones: (N, C, L) is (N, C, 1, L) and a
+    length-k kernel is 1 x k, so the same loop and vectorized code serves both."""
+    def forward(x, W, b, stride, padding):
+        out, cache = forward_2d(x[:, :, None, :], W[:, :, None, :], b, (1, stride), (0, padding))
+        return out[:, :, 0, :], cache
+
+    def backward(dout, cache, input_grad=True):
+        dx, dW, db = backward_2d(dout[:, :, None, :], cache, input_grad)
+        return (None if dx is None else dx[:, :, 0, :]), np.ascontiguousarray(dW[:, :, 0, :]), db
+
+    return forward, backward
+
+
+class Conv1D(ParamLayer):
+    """1-D convolution over positions. x: (N, C_in, L) -> (N, C_out, OL).
+
+    ``params["W"]``: (C_out, C_in, k), ``params["b"]``: (C_out,);
+    out[n, f, i] = b[f] + sum_{c, q} W[f, c, q] * xp[n, c, i*s + q].
+    """
+    functions = {impl: _as_1d(*fns) for impl, fns in Conv2D.functions.items()}
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                 impl="vectorized", init="he", seed=None, dtype=DEFAULT_DTYPE):
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size, self.stride, self.padding = int(kernel_size), int(stride), int(padding)
+        if min(self.in_channels, self.out_channels, self.kernel_size, self.stride) < 1 or self.padding < 0:
+            raise ValueError(f"Conv1D: need channels, kernel_size, stride >= 1 and padding >= 0, got "
+                             f"{in_channels}, {out_channels}, {kernel_size}, {stride}, {padding}")
+        k = self.kernel_size
+        super().__init__((out_channels, in_channels, k), in_channels * k, out_channels * k,
+                         out_channels, impl, init, seed, dtype)
+
+    def config(self):
+        return dict(in_channels=self.in_channels, out_channels=self.out_channels,
+                    kernel_size=self.kernel_size, stride=self.stride, padding=self.padding, impl=self.impl)
+
+    def hyperparameters(self):
+        return self.stride, self.padding
+
+    def check(self, x):
+        check_input(x, "Conv1D", "NCL", self.in_channels)
+        if x.shape[2] + 2 * self.padding < self.kernel_size:
+            raise ValueError(f"Conv1D: input length {x.shape[2]} with padding {self.padding} is smaller "
+                             f"than the kernel ({self.kernel_size}); input shape {x.shape}")
+
+    def label(self):
+        extra = (f" stride {self.stride}" if self.stride != 1 else "") + (f" pad {self.padding}" if self.padding else "")
+        return f"Conv1D {self.in_channels}->{self.out_channels} k{self.kernel_size}{extra}"
+
+
+class _Pool1D(_Pool2D):
+    """Pooling over positions of (N, C, L): the 2-D pooling with 1 x k windows."""
+
+    def __init__(self, pool_size=2, stride=None, impl="vectorized"):
+        super().__init__((1, pool_size), None if stride is None else (1, stride), impl)
+
+    def config(self):
+        return dict(pool_size=self.pool_size[1], stride=self.stride[1], impl=self.impl)
+
+    def label(self):
+        stride = "" if self.stride == self.pool_size else f" stride {self.stride[1]}"
+        return f"{type(self).__name__} {self.pool_size[1]}{stride}"
+
+    def forward(self, x, training=True):
+        check_input(x, type(self).__name__, "NCL")
+        return super().forward(x[:, :, None, :], training)[:, :, 0, :]
+
+    def backward(self, dout):
+        return super().backward(dout[:, :, None, :])[:, :, 0, :]
+
+
+class MaxPool1D(_Pool1D):
+    """Max pooling over positions. x: (N, C, L) -> (N, C, OL)."""
+    functions = MaxPool2D.functions
+
+
+class AvgPool1D(_Pool1D):
+    """Average pooling over positions. x: (N, C, L) -> (N, C, OL)."""
+    functions = AvgPool2D.functions
+
+
+class BatchNorm(Layer):
+    """Batch normalisation (Ioffe & Szegedy 2015) of each channel (axis 1) of
+    (N, C), (N, C, L) or (N, C, H, W) inputs.
+
+    Training normalises with the batch's statistics and keeps running averages
+    (``buffers``) that evaluation uses instead, so a prediction does not depend
+    on the rest of its batch. ``params``: gamma (scale) and beta (shift), (C,).
+    """
+    functions = {"loop": (batchnorm_forward_loop, batchnorm_backward_loop),
+                 "vectorized": (batchnorm_forward_vectorized, batchnorm_backward_vectorized)}
+
+    def __init__(self, num_channels, momentum=0.1, eps=1e-5, impl="vectorized", dtype=DEFAULT_DTYPE):
+        super().__init__()
+        self.num_channels, self.momentum, self.eps = int(num_channels), float(momentum), float(eps)
+        self.impl = _check_impl(impl)
+        self.params = {"gamma": np.ones(num_channels, dtype=dtype), "beta": np.zeros(num_channels, dtype=dtype)}
+        self.buffers = {"running_mean": np.zeros(num_channels, dtype=dtype),
+                        "running_var": np.ones(num_channels, dtype=dtype)}
+
+    def config(self):
+        return dict(num_channels=self.num_channels, momentum=self.momentum, eps=self.eps, impl=self.impl)
+
+    def label(self):
+        return f"BatchNorm {self.num_channels}"
+
+    def forward(self, x, training=True):
+        check_input(x, "BatchNorm", None, self.num_channels)
+        if x.ndim < 2:
+            raise ValueError(f"BatchNorm: expected (N, C, ...), got shape {x.shape}")
+        x = x.astype(self.params["gamma"].dtype, copy=False)
+        gamma, beta = self.params["gamma"], self.params["beta"]
+        if not training:
+            _, shape = _channel_axes(x)
+            scale = gamma / np.sqrt(self.buffers["running_var"] + self.eps)
+            return x * scale.reshape(shape) + (beta - self.buffers["running_mean"] * scale).reshape(shape)
+        out, cache = self.functions[self.impl][0](x, gamma, beta, self.eps)
+        _, _, var, _, mean = cache
+        m = x.size // x.shape[1]
+        self.buffers["running_mean"] += self.momentum * (mean - self.buffers["running_mean"])
+        # the running variance estimates the population's: unbiased, m / (m - 1)
+        self.buffers["running_var"] += self.momentum * (var * (m / max(m - 1, 1)) - self.buffers["running_var"])
+        self._cache = cache
+        return out
+
+    def backward(self, dout, input_grad=True):
+        dx, dgamma, dbeta = self.functions[self.impl][1](dout, self._cached(), input_grad)
+        self.grads = {"gamma": dgamma, "beta": dbeta}
+        return dx
 
 
 class Activation(Layer):
@@ -847,6 +1038,7 @@ class Sequential:
         """Cast every parameter to ``dtype`` in place (e.g. float64 for gradient checks)."""
         for layer in self.layers:
             layer.params = {k: v.astype(dtype) for k, v in layer.params.items()}
+            layer.buffers = {k: v.astype(dtype) for k, v in layer.buffers.items()}
             layer.grads = {}
         return self
 
@@ -893,6 +1085,8 @@ class Sequential:
                         for layer in self.layers]
         arrays = {"architecture": np.array(json.dumps(architecture))}
         arrays.update({f"param.{key}": param for key, param, _ in self.parameters()})
+        arrays.update({f"buffer.{i}.{name}": buf for i, layer in enumerate(self.layers)
+                       for name, buf in layer.buffers.items()})
         return arrays
 
     def save(self, path):
@@ -912,8 +1106,9 @@ class Sequential:
             if name not in arrays or arrays[name].shape != param.shape:
                 found = arrays[name].shape if name in arrays else "nothing"
                 raise ValueError(f"saved model: expected {name} of shape {param.shape}, found {found}")
-        for layer_index, layer in enumerate(model.layers):
-            layer.params = {k: np.array(arrays[f"param.{layer_index}.{k}"]) for k in layer.params}
+        for i, layer in enumerate(model.layers):
+            layer.params = {k: np.array(arrays[f"param.{i}.{k}"]) for k in layer.params}
+            layer.buffers = {k: np.array(arrays.get(f"buffer.{i}.{k}", v)) for k, v in layer.buffers.items()}
         return model
 
     @classmethod
@@ -1289,7 +1484,7 @@ def _restore_checkpoint(path, model, optimizer, rng):
         raise ValueError(f"checkpoint {path} holds a different architecture; "
                          "delete it or pass a new checkpoint path")
     for layer, saved_layer in zip(model.layers, saved.layers):
-        layer.params = saved_layer.params
+        layer.params, layer.buffers = saved_layer.params, saved_layer.buffers
     optimizer.load_state_arrays(arrays)
     training = json.loads(str(arrays["training"]))
     rng.bit_generator.state = training["rng"]
