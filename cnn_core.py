@@ -1123,22 +1123,53 @@ class Sequential:
         return cls.from_arrays(arrays)
 
 
-def mnist_cnn(impl="vectorized", seed=0, dtype=DEFAULT_DTYPE, channels=(32, 64), kernel_size=3,
-              hidden=128, dropout=0.25, in_channels=1, image_size=28, num_classes=10):
-    """The default network: two conv blocks (conv -> ReLU -> 2x2 max pool), then
-    dense -> ReLU -> dropout -> dense to ``num_classes`` logits.
+def conv_net(in_channels=1, input_size=28, channels=(32, 64), kernel_size=3, convs_per_block=1,
+             batchnorm=False, hidden=128, dropout=0.25, num_classes=10, dims=2, impl="vectorized",
+             seed=0, dtype=DEFAULT_DTYPE):
+    """A plain CNN: one block per entry of ``channels``, each
+    ``convs_per_block`` x (conv with 'same' padding -> [BatchNorm] -> ReLU) and a
+    2x2 max pool that halves the size; then flatten -> [dense ``hidden`` -> ReLU]
+    -> dropout -> dense to ``num_classes`` logits.
 
-    ``channels`` lists the filters of each conv block (its length is the depth);
-    'same' padding keeps the size until each pool halves it.
+    ``dims=2`` for images (N, C, H, W); ``dims=1`` for sequences (N, C, L) with
+    Conv1D/MaxPool1D. ``hidden=0`` leaves out the hidden dense layer.
     """
-    layers, c_in, size = [], in_channels, image_size
+    conv, pool = (Conv2D, MaxPool2D) if dims == 2 else (Conv1D, MaxPool1D)
+    layers, c_in, size = [], in_channels, input_size
     for c_out in channels:
-        layers += [Conv2D(c_in, c_out, kernel_size, padding=kernel_size // 2, impl=impl, dtype=dtype),
-                   ReLU(impl=impl), MaxPool2D(2, impl=impl)]
-        c_in, size = c_out, size // 2
-    layers += [Flatten(), Dense(c_in * size * size, hidden, impl=impl, dtype=dtype), ReLU(impl=impl),
-               Dropout(dropout), Dense(hidden, num_classes, impl=impl, dtype=dtype)]
+        for _ in range(convs_per_block):
+            layers.append(conv(c_in, c_out, kernel_size, padding=kernel_size // 2, impl=impl, dtype=dtype))
+            layers += [BatchNorm(c_out, impl=impl, dtype=dtype)] if batchnorm else []
+            layers.append(ReLU(impl=impl))
+            c_in = c_out
+        layers.append(pool(2, impl=impl))
+        size //= 2
+    features = c_in * size ** dims
+    layers.append(Flatten())
+    if hidden:
+        layers += [Dense(features, hidden, impl=impl, dtype=dtype), ReLU(impl=impl)]
+        features = hidden
+    layers += [Dropout(dropout), Dense(features, num_classes, impl=impl, dtype=dtype)]
     return Sequential(layers, seed=seed)
+
+
+def mnist_cnn(**overrides):
+    """The default network: conv 1->32 3x3 -> ReLU -> pool -> conv 32->64 3x3 ->
+    ReLU -> pool -> dense 3136->128 -> ReLU -> dropout 0.25 -> dense 128->10
+    (``conv_net``'s defaults; keyword arguments override them)."""
+    return conv_net(**overrides)
+
+
+def rows_as_sequence(x):
+    """The row-sequence view of images: (N, C, H, W) -> (N, H, W*C).
+
+    Row i becomes one vector of its W pixels with the channels interleaved
+    (R, G, B, R, G, B, ...): a 32x32 RGB image is 32 vectors of length 96.
+    Conv1D wants channels first, so a network reads ``seq.transpose(0, 2, 1)``,
+    i.e. (N, 96, 32): 96 channels at 32 positions.
+    """
+    N, C, H, W = x.shape
+    return x.transpose(0, 2, 3, 1).reshape(N, H, W * C)
 
 
 def save_npz(path, arrays):

@@ -559,3 +559,20 @@ def test_sequence_network_gradient():
     x, y = np.random.default_rng(26).standard_normal((4, 4, 6)), np.array([0, 2, 1, 2])
     errors = C.gradient_errors(model, x, y)
     assert len(errors) == 7 and max(errors.values()) < TOLERANCE, errors
+
+
+def test_rows_as_sequence_interleaves_the_channels_of_each_row():
+    x = np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)
+    seq = C.rows_as_sequence(x)
+    assert seq.shape == (2, 4, 15)
+    n, row, col = 1, 2, 3
+    np.testing.assert_array_equal(seq[n, row, 3 * col:3 * col + 3], x[n, :, row, col])   # R, G, B of one pixel
+
+
+def test_conv_net_builds_2d_and_1d_networks():
+    cifar = C.conv_net(in_channels=3, input_size=32, channels=(8, 16), convs_per_block=2, batchnorm=True, hidden=0)
+    assert cifar.forward(np.zeros((2, 3, 32, 32), np.float32)).shape == (2, 10)
+    assert sum(isinstance(layer, C.BatchNorm) for layer in cifar.layers) == 4
+    seq = C.conv_net(in_channels=96, input_size=32, channels=(8,), dims=1)
+    assert seq.forward(np.zeros((2, 96, 32), np.float32)).shape == (2, 10)
+    assert isinstance(seq.layers[0], C.Conv1D)
