@@ -887,6 +887,25 @@ class Flatten(Layer):
         return dx
 
 
+class RowsToSequence(Layer):
+    """Images as sequences of rows, for Conv1D: (N, C, H, W) -> (N, W*C, H).
+
+    Each of the H rows becomes one vector of its W pixels with the channels
+    interleaved (``rows_as_sequence``: (N, H, W*C), for CIFAR (N, 32, 96)),
+    handed on channels-first as Conv1D expects. Only a reshuffle: backward
+    puts the gradient back in place.
+    """
+
+    def forward(self, x, training=True):
+        check_input(x, "RowsToSequence", "NCHW")
+        self._cache = x.shape if training else None
+        return rows_as_sequence(x).transpose(0, 2, 1)
+
+    def backward(self, dout):
+        N, C, H, W = self._cached()
+        return dout.transpose(0, 2, 1).reshape(N, H, W, C).transpose(0, 3, 1, 2)
+
+
 class Dropout(Layer):
     """Inverted dropout: in training, zero each value with probability p and scale
     the rest by 1 / (1 - p), so that evaluation needs no rescaling."""
@@ -1182,6 +1201,9 @@ def save_npz(path, arrays):
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)          # mkstemp's file is private; a saved model need not be
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -1334,6 +1356,8 @@ def classification_report(y_true, y_pred, num_classes=None, class_names=None):
     ``macro`` and ``weighted`` (dicts of P/R/F1), ``accuracy``, ``confusion``
     and ``class_names``.
     """
+    if num_classes is None and class_names is not None:
+        num_classes = len(class_names)     # a class may be absent from a small sample
     cm = confusion_matrix(y_true, y_pred, num_classes)
     tp, predicted, support = np.diag(cm), cm.sum(axis=0), cm.sum(axis=1)
     precision, recall = _safe_divide(tp, predicted), _safe_divide(tp, support)

@@ -241,6 +241,11 @@ def test_classification_report_by_hand():
     assert "macro avg" in text and "0.6667" in text
 
 
+def test_class_names_fix_the_number_of_classes_even_if_some_are_absent():
+    r = C.classification_report(np.array([0, 0]), np.array([0, 1]), class_names=["a", "b", "c"])
+    assert r["confusion"].shape == (3, 3) and r["support"].tolist() == [2, 0, 0]
+
+
 def test_classes_without_predictions_do_not_divide_by_zero():
     with np.errstate(all="raise"):
         r = C.classification_report(np.array([0, 1, 1]), np.array([1, 1, 1]), num_classes=4)
@@ -367,6 +372,9 @@ def test_save_and_load_round_trip(tmp_path):
     path = tmp_path / "model.npz"
     model.save(path)
     assert os.listdir(tmp_path) == ["model.npz"]          # no temporary file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask   # not the temporary file's private mode
     loaded = C.Sequential.load(path)
     assert [repr(l) for l in loaded.layers] == [repr(l) for l in model.layers]
     x = np.random.default_rng(1).random((5, 1, 28, 28), dtype=np.float32)
@@ -576,3 +584,12 @@ def test_conv_net_builds_2d_and_1d_networks():
     seq = C.conv_net(in_channels=96, input_size=32, channels=(8,), dims=1)
     assert seq.forward(np.zeros((2, 96, 32), np.float32)).shape == (2, 10)
     assert isinstance(seq.layers[0], C.Conv1D)
+
+
+def test_rows_to_sequence_layer_and_its_gradient():
+    x = np.random.default_rng(27).standard_normal((2, 3, 4, 5))
+    layer = C.RowsToSequence()
+    out = layer.forward(x)
+    np.testing.assert_array_equal(out, C.rows_as_sequence(x).transpose(0, 2, 1))
+    assert out.shape == (2, 15, 4)
+    assert gradient_errors(layer, x)["x"] < TOLERANCE
