@@ -2,12 +2,14 @@
 
 Read this file top to bottom:
 
-1. input checks and the two window helpers every spatial layer shares,
+1. input checks and the window helpers the spatial layers share,
 2. the layer maths as plain functions, a *loop* version that mirrors the
-   equation next to a *vectorized* version that is fast,
+   equation next to a *vectorized* version that is fast (convolution, max and
+   average pooling, dense, batch normalisation),
 3. layer classes (``forward``/``backward``/``params``/``grads``),
-4. the loss, the ``Sequential`` model, optimisers and learning-rate schedules,
-5. metrics and the training loop.
+4. the loss, the ``Sequential`` model, network builders, optimisers and
+   learning-rate schedules,
+5. metrics, gradient checking, augmentation and the training loop.
 
 Conventions
 -----------
@@ -15,6 +17,9 @@ Conventions
 * Every ``*_forward_*`` function returns ``(out, cache)`` and every
   ``*_backward_*`` function takes ``(dout, cache)``; ``dout`` is the gradient
   of the loss with respect to ``out`` and has its shape.
+* The vectorized layers keep activations in NHWC memory order behind the NCHW
+  interface (see ``conv2d_forward_vectorized``); the results are the same,
+  only faster.
 * float32 by default. A layer computes in the dtype of its parameters and casts
   its input to it, so a float64 model (for gradient checks) stays float64 and
   a float32 model never silently upcasts.
