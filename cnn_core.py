@@ -28,6 +28,7 @@ Conventions
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -36,6 +37,7 @@ import tempfile
 import time
 import zipfile
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -1196,23 +1198,35 @@ def rows_as_sequence(x):
     return x.transpose(0, 2, 3, 1).reshape(N, H, W * C)
 
 
-def save_npz(path, arrays):
-    """``np.savez`` to a temporary file in the same folder, then rename: a crash
-    mid-write never leaves a truncated file where a good one was."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
+@contextlib.contextmanager
+def atomic_write(path, check=None):
+    """Write a file so that ``path`` is never left half-written.
+
+    Yields a binary file in the same folder; when the block succeeds (and
+    ``check(temporary_path)``, if given, does not raise) the file is renamed to
+    ``path`` with ``os.replace``, which is atomic; otherwise it is deleted. A
+    crash therefore leaves the old file or none, never a truncated one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            yield f
+        if check is not None:
+            check(Path(tmp))
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)          # mkstemp's file is private; a saved model need not be
+        os.chmod(tmp, 0o666 & ~umask)          # mkstemp's file is private; the result need not be
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def save_npz(path, arrays):
+    """``np.savez`` of ``arrays`` to ``path`` through ``atomic_write``."""
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)
 
 
 class Optimizer:

@@ -18,7 +18,6 @@ import os
 import pickle
 import struct
 import tarfile
-import tempfile
 import types
 import urllib.error
 import urllib.request
@@ -28,6 +27,8 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+
+from cnn_core import atomic_write
 
 PROJECT_DIR = Path(__file__).resolve().parent
 DATA_DIR = PROJECT_DIR / "data"
@@ -136,33 +137,13 @@ def _verify(path, checksum, name):
         raise DatasetError(f"{path} is corrupt: checksum {digest.hexdigest()} instead of {checksum}")
 
 
-@contextlib.contextmanager
-def _atomic_write(target, check=None):
-    """Yield a binary file next to `target`; on success check it, then rename it to `target`.
-
-    os.replace is atomic, so `target` is either absent or complete: an interrupted download
-    or cache write never leaves a half-written file under the final name.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".part")
-    try:
-        os.chmod(tmp, 0o644)                  # mkstemp makes private 0600 files; data may be shared
-        with os.fdopen(fd, "wb") as f:
-            yield f
-        if check is not None:
-            check(Path(tmp))
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def _download(urls, target, checksum, where):
     """Download the first URL that yields a file with the right checksum to `target`."""
     failures = []
     for url in urls:
         for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
             try:
-                with _atomic_write(target, check=lambda tmp: _verify(tmp, checksum, target.name)) as out, \
+                with atomic_write(target, check=lambda tmp: _verify(tmp, checksum, target.name)) as out, \
                         urllib.request.urlopen(url, timeout=TIMEOUT) as response:
                     size = int(response.headers.get("Content-Length") or 0) or None
                     with _progress_bar(total=size, unit="B", unit_scale=True, desc=target.name) as bar:
@@ -494,7 +475,7 @@ def load_image_folder(path, size=None, normalize="unit", validation_size=0, seed
     if arrays is None:
         arrays = _read_image_folder(path, size)
         if cache_file is not None:
-            with _atomic_write(cache_file) as f:
+            with atomic_write(cache_file) as f:
                 np.savez(f, **dict(zip(("x_train", "y_train", "x_test", "y_test"), arrays)),
                          class_names=np.array(arrays[4]))
     return _make_dataset(*arrays, normalize, validation_size, seed, dtype)

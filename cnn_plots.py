@@ -8,9 +8,7 @@ with pyplot: close them (``plt.close(fig)``) when making many in a script, and
 in Jupyter end a cell with ``;`` so the returned Figure is not shown twice.
 """
 import functools
-import os
 import sys
-import tempfile
 
 import matplotlib
 import numpy as np
@@ -32,7 +30,7 @@ import seaborn as sns  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from mpl_toolkits.axes_grid1 import make_axes_locatable  # noqa: E402
 
-from cnn_core import Dropout  # noqa: E402
+from cnn_core import Dropout, atomic_write  # noqa: E402
 
 # One style for every figure, applied with rc_context inside each function so
 # that importing this module changes no global matplotlib settings.
@@ -49,19 +47,9 @@ def _styled(fn):
 
 
 def save_figure(fig, path):
-    """Write ``fig`` as a PNG to ``path`` via a temporary file and ``os.replace``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-    try:
-        os.chmod(tmp, 0o644)                               # mkstemp makes it private (0600)
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=150, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write ``fig`` as a PNG to ``path`` atomically (``cnn_core.atomic_write``)."""
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=150, bbox_inches="tight")
 
 
 def _finish(fig, path):

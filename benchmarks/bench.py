@@ -20,7 +20,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -309,19 +308,10 @@ def report(res):
 
 
 def write_json(path, data):
-    """Atomic write: a temporary file in the same folder, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
-            f.write("\n")
-        os.chmod(tmp, 0o644)                               # mkstemp makes it private (0600)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """The results as JSON, written atomically (``cnn_core.atomic_write``)."""
+    text = json.dumps(data, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
+    with cc.atomic_write(path) as f:
+        f.write((text + "\n").encode())
 
 
 def main(argv=None):

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,12 +64,9 @@ def load(dataset="mnist"):
 
 
 def save_json(path, obj):
-    """Write JSON atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, default=float)
-    os.replace(tmp, path)
+    """Write JSON atomically (``cnn_core.atomic_write``)."""
+    with C.atomic_write(path) as f:
+        f.write(json.dumps(obj, indent=1, default=float).encode())
 
 
 def train_or_load(name, build, data, optimizer, epochs, **fit_kwargs):

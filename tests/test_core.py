@@ -593,3 +593,23 @@ def test_rows_to_sequence_layer_and_its_gradient():
     np.testing.assert_array_equal(out, C.rows_as_sequence(x).transpose(0, 2, 1))
     assert out.shape == (2, 15, 4)
     assert gradient_errors(layer, x)["x"] < TOLERANCE
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_or_checking_fails(tmp_path):
+    path = tmp_path / "result.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with C.atomic_write(path) as f:
+            f.write(b"half")
+            raise RuntimeError("crash mid-write")
+
+    def reject(tmp):
+        raise ValueError(f"bad content in {tmp}")
+
+    with pytest.raises(ValueError, match="bad content"):
+        with C.atomic_write(path, check=reject) as f:
+            f.write(b"new")
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["result.bin"]
+    with C.atomic_write(path) as f:
+        f.write(b"new")
+    assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["result.bin"]

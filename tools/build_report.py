@@ -17,7 +17,6 @@ import argparse
 import copy
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,15 +26,15 @@ from nbconvert import PDFExporter
 from traitlets.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from cnn_core import atomic_write  # noqa: E402
+
 NOTEBOOKS = ROOT / "notebooks"
 
 
 def write_atomically(path, data):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    with os.fdopen(fd, "wb") as f:
+    with atomic_write(path) as f:
         f.write(data)
-    os.replace(tmp, path)
 
 
 def execute(source, target):

@@ -1,14 +1,14 @@
 """Build the hand-in ZIP: every file git tracks (code, notebooks, README,
 environment files, report.pdf), as it is in the working tree; no data, no
 caches, no virtual environment. Usage: python tools/make_zip.py [OUTPUT.zip]"""
-import os
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from cnn_core import atomic_write  # noqa: E402
 
 
 def main(argv=None):
@@ -17,16 +17,9 @@ def main(argv=None):
     files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True,
                            capture_output=True, text=True).stdout.split("\0")
     files = [f for f in files if f and (ROOT / f).is_file()]
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".zip.tmp")
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
-            for name in files:
-                archive.write(ROOT / name, f"cnn-numpy/{name}")
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_write(target) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name in files:
+            archive.write(ROOT / name, f"cnn-numpy/{name}")
     print(f"wrote {target} ({len(files)} files, {target.stat().st_size / 1e6:.1f} MB)")
 
 
