@@ -501,7 +501,6 @@ class ParamLayer(Layer):
         super().__init__()
         self.impl = _check_impl(impl)
         self.fan_in, self.fan_out = fan_in, fan_out
-        self.init, self.seed = init, seed
         self.params = {"W": np.zeros(w_shape, dtype=dtype), "b": np.zeros(out_features, dtype=dtype)}
         self.initialize(np.random.default_rng(seed), init)
 
