@@ -65,8 +65,9 @@ def check_input(x, layer, layout=None, channels=None):
     """
     if not isinstance(x, np.ndarray):
         raise ValueError(f"{layer}: expected a NumPy array, got {type(x).__name__}")
-    if layout is None and x.ndim == 0:
-        raise ValueError(f"{layer}: expected a batch (rank >= 1), got a scalar")
+    min_rank = 2 if channels is not None else 1       # a channel count needs axis 1
+    if layout is None and x.ndim < min_rank:
+        raise ValueError(f"{layer}: expected a batch of rank >= {min_rank}, got shape {x.shape}")
     if layout is not None and x.ndim != len(layout):
         raise ValueError(f"{layer}: expected a {len(layout)}-D input ({layout}), "
                          f"got shape {x.shape}")
@@ -767,8 +768,6 @@ class BatchNorm(Layer):
 
     def forward(self, x, training=True):
         check_input(x, "BatchNorm", None, self.num_channels)
-        if x.ndim < 2:
-            raise ValueError(f"BatchNorm: expected (N, C, ...), got shape {x.shape}")
         x = x.astype(self.params["gamma"].dtype, copy=False)
         gamma, beta = self.params["gamma"], self.params["beta"]
         if not training:

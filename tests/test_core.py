@@ -330,6 +330,8 @@ def test_initialisation_is_seeded_and_picks_he_or_glorot():
     (C.MaxPool2D(3), np.zeros((2, 3, 2, 8), np.float32), "smaller than the pool"),
     (C.Dense(10, 2), np.zeros((4, 9), np.float32), r"expected 10 input features.*\(4, 9\)"),
     (C.ReLU(), np.zeros((0, 3), np.float32), "empty batch"),
+    (C.BatchNorm(3), np.zeros(3, np.float32), r"rank >= 2.*\(3,\)"),
+    (C.BatchNorm(3), np.zeros((4, 2, 5), np.float32), r"expected 3 input channels"),
 ])
 def test_bad_layer_input_names_the_problem(layer, x, message):
     with pytest.raises(ValueError, match=message):
