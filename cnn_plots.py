@@ -1,8 +1,8 @@
 """Plots for the NumPy CNN: training curves, metrics, images, filters,
 feature maps, saliency and occlusion maps.
 
-This is the only module that imports matplotlib and seaborn (``cnn_core``
-stays NumPy-only). Every ``plot_*`` function returns its matplotlib Figure and,
+This is the only module that imports matplotlib and seaborn (the maths
+modules stay NumPy-only). Every ``plot_*`` function returns its matplotlib Figure and,
 given ``path``, also writes it as a PNG (dpi 150) atomically. Figures are made
 with pyplot: close them (``plt.close(fig)``) when making many in a script, and
 in Jupyter end a cell with ``;`` so the returned Figure is not shown twice.
@@ -30,7 +30,8 @@ import seaborn as sns  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from mpl_toolkits.axes_grid1 import make_axes_locatable  # noqa: E402
 
-from cnn_core import Dropout, atomic_write  # noqa: E402
+from cnn_files import save_figure  # noqa: E402
+from cnn_layers import Dropout  # noqa: E402
 
 # One style for every figure, applied with rc_context inside each function so
 # that importing this module changes no global matplotlib settings.
@@ -44,12 +45,6 @@ def _styled(fn):
         with plt.rc_context(STYLE):
             return fn(*args, **kwargs)
     return wrapper
-
-
-def save_figure(fig, path):
-    """Write ``fig`` as a PNG to ``path`` atomically (``cnn_core.atomic_write``)."""
-    with atomic_write(path) as f:
-        fig.savefig(f, format="png", dpi=150, bbox_inches="tight")
 
 
 def _finish(fig, path):
@@ -94,7 +89,7 @@ def _mosaic(tiles, ncols, fill, pad=1):
 def plot_history(history, path=None):
     """Loss and accuracy per epoch (numbered from 1), train and, if recorded, validation.
 
-    history: a ``cnn_core.History`` or a dict with lists ``train_loss``,
+    history: a ``cnn_train.History`` or a dict with lists ``train_loss``,
     ``train_acc`` and optionally ``val_loss``, ``val_acc`` (one value per epoch).
     """
     h = history.as_dict() if hasattr(history, "as_dict") else dict(history)
@@ -138,7 +133,7 @@ def plot_confusion_matrix(cm, class_names, normalize=False, path=None):
 def plot_per_class(report, path=None):
     """Grouped bars of precision, recall and F1 per class.
 
-    report: the dict of ``cnn_core.classification_report`` (arrays of K values
+    report: the dict of ``cnn_metrics.classification_report`` (arrays of K values
     under "precision", "recall", "f1", and "class_names").
     """
     names = report["class_names"]

@@ -29,7 +29,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-import cnn_core as cc  # noqa: E402
+import cnn_core as C  # noqa: E402
+import cnn_layers as L  # noqa: E402
+import cnn_model as M  # noqa: E402
+import cnn_train as T  # noqa: E402
+import cnn_files as F  # noqa: E402
 
 BATCH = 64
 IMAGE_SHAPE = (1, 28, 28)                 # one MNIST image, NCHW without N
@@ -78,7 +82,7 @@ def bench_gemm(n, repeats):
 def bench_training(model, warmup, steps):
     """Per-step times of forward(training) + loss + backward + Adam, 8 synthetic batches cycled."""
     xs, ys = synthetic(8 * BATCH, num_classes(model), seed=1)
-    loss_fn, opt, times = cc.SoftmaxCrossEntropy(), cc.Adam(), []
+    loss_fn, opt, times = L.SoftmaxCrossEntropy(), T.Adam(), []
     for s in range(warmup + steps):
         i = (s % 8) * BATCH
         xb, yb = xs[i:i + BATCH], ys[i:i + BATCH]
@@ -104,7 +108,7 @@ def trace(model, x, y):
     for layer in model.layers:
         inputs.append(x)
         x = layer.forward(x, training=True)
-    loss_fn = cc.SoftmaxCrossEntropy()
+    loss_fn = L.SoftmaxCrossEntropy()
     loss_fn.forward(x, y)
     g = loss_fn.backward()
     for i in reversed(range(len(model.layers))):
@@ -116,13 +120,11 @@ def trace(model, x, y):
 def layer_macs(layer, out_shape):
     """(forward, backward) multiply-adds. Conv: N*OH*OW*F*C*kh*kw per product; dense: N*D*M per
     product; backward = dW + dX products (a training step skips the first layer's dX: see main)."""
-    if isinstance(layer, cc.Conv2D):
-        F, C, kh, kw = layer.params["W"].shape
+    if isinstance(layer, L.Conv2D):
         N, _, OH, OW = out_shape
-        macs = N * OH * OW * F * C * kh * kw
-    elif isinstance(layer, cc.Dense):
-        D, M = layer.params["W"].shape
-        macs = out_shape[0] * D * M
+        macs = N * OH * OW * layer.params["W"].size          # W: (F, C, kh, kw)
+    elif isinstance(layer, L.Dense):
+        macs = out_shape[0] * layer.params["W"].size         # W: (D, M)
     else:
         return 0, 0
     return macs, 2 * macs
@@ -172,15 +174,15 @@ def bench_layers(model, cfg):
 
 
 def epoch_child():
-    """Run in a subprocess: 60,000 synthetic images + one ``cnn_core.fit`` epoch; prints JSON."""
-    model = cc.mnist_cnn(seed=0)
+    """Run in a subprocess: 60,000 synthetic images + one ``cnn_train.fit`` epoch; prints JSON."""
+    model = M.mnist_cnn(seed=0)
     x, y = synthetic(EPOCH_IMAGES, num_classes(model), seed=3)
     stamps = []
 
     def stamp(xb, rng):                    # fit calls augment once per batch: a free per-step clock
         stamps.append(time.perf_counter())
         return xb
-    history = cc.fit(model, x, y, cc.Adam(), epochs=1, batch_size=BATCH, augment=stamp, progress=False, log=None)
+    history = T.fit(model, x, y, T.Adam(), epochs=1, batch_size=BATCH, augment=stamp, progress=False, log=None)
     steps = np.diff(stamps + [time.perf_counter()])
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss          # KiB on Linux, bytes on macOS
     rss_bytes = maxrss if sys.platform == "darwin" else maxrss * 1024
@@ -228,7 +230,7 @@ def machine_info():
             return None
     info["cpu_busy_before"] = cpu_busy()
     info["git_commit"] = git("rev-parse", "--short", "HEAD")
-    info["cnn_core_sha256"] = hashlib.sha256(Path(cc.__file__).read_bytes()).hexdigest()[:16]  # it may be uncommitted
+    info["cnn_core_sha256"] = hashlib.sha256(Path(C.__file__).read_bytes()).hexdigest()[:16]  # it may be uncommitted
     status = git("status", "--porcelain", "--untracked-files=no")
     info["git_dirty"] = None if status is None else bool(status)
     return info
@@ -271,7 +273,7 @@ def report(res):
     if res["epoch"]:
         e = res["epoch"]
         head += [[f"epoch of {e['images']:,} images", f"{e['seconds']:.1f} s",
-                  f"{e['images'] / e['seconds']:.0f} img/s (cnn_core.fit, subprocess)", "", ""],
+                  f"{e['images'] / e['seconds']:.0f} img/s (cnn_train.fit, subprocess)", "", ""],
                  ["  median step x steps", f"{e['steady_estimate_s']:.1f} s",
                   f"median step {ms(e['median_step_s'])} ms x {e['steps']} (robust to load spikes)", "", ""],
                  ["  peak resident memory", f"{e['peak_rss_mb']:.0f} MB", f"data {e['data_mb']:.0f} MB",
@@ -279,12 +281,12 @@ def report(res):
     out += [table(["measurement", "value", "detail", "target", "status"], head, "lrlrl"), ""]
     if (m["cpu_busy_before"] or 0) > 0.1:
         out[-1:-1] = [f"note: the CPUs were {m['cpu_busy_before']:.0%} busy with other work just before the run"]
-    L = res["layers"]
+    layer_rows = res["layers"]
     gf = lambda macs, s: f"{2 * macs / s / 1e9:.1f}" if macs else "-"
     rows = [[r["name"], "x".join(map(str, r["output_shape"][1:])), f"{r['fwd_macs'] / 1e6:.1f}",
              f"{r['bwd_macs'] / 1e6:.1f}", ms(r["vec_fwd_s"]), ms(r["vec_bwd_s"]),
-             gf(r["fwd_macs"], r["vec_fwd_s"]), gf(r["bwd_macs"], r["vec_bwd_s"])] for r in L]
-    tot = lambda k: sum(r[k] for r in L)
+             gf(r["fwd_macs"], r["vec_fwd_s"]), gf(r["bwd_macs"], r["vec_bwd_s"])] for r in layer_rows]
+    tot = lambda k: sum(r[k] for r in layer_rows)
     rows.append(["sum of layers", "", f"{tot('fwd_macs') / 1e6:.1f}", f"{tot('bwd_macs') / 1e6:.1f}",
                  ms(tot("vec_fwd_s")), ms(tot("vec_bwd_s")), gf(tot("fwd_macs"), tot("vec_fwd_s")),
                  gf(tot("bwd_macs"), tot("vec_bwd_s"))])
@@ -293,13 +295,13 @@ def report(res):
             f"sum of layer times {ms(tot('vec_fwd_s') + tot('vec_bwd_s'))} ms vs measured median training step "
             f"{ms(tr['median_step_s'])} ms (the step adds loss, Adam, Python overhead)", ""]
     rows = []
-    for r in (r for r in L if r["has_loop"]):
+    for r in (r for r in layer_rows if r["has_loop"]):
         target = r["type"] in ("Conv2D", "MaxPool2D", "AvgPool2D")
         ok = min(r["speedup_fwd"], r["speedup_bwd"]) >= TARGETS["loop_speedup_conv_pool"]
         rows.append([r["name"], ms(r["loop_fwd_s"]), ms(r["loop_bwd_s"]), ms(r["vec_fwd_s"]), ms(r["vec_bwd_s"]),
                      f"{r['speedup_fwd']:.0f}x", f"{r['speedup_bwd']:.0f}x", f"{r['speedup_total']:.0f}x",
                      verdict(ok) if target else ""])
-    nb = next((r["loop_batch"] for r in L if r["has_loop"]), "?")
+    nb = next((r["loop_batch"] for r in layer_rows if r["has_loop"]), "?")
     out += [f"Loop vs vectorized, ms per batch of {BATCH} (loop timed on {nb} example(s), scaled x{BATCH // nb}; "
             f"target for conv/pool: fwd and bwd >= {TARGETS['loop_speedup_conv_pool']:.0f}x)",
             table(["layer", "loop fwd", "loop bwd", "vec fwd", "vec bwd", "speedup fwd", "bwd", "total", "status"],
@@ -308,9 +310,9 @@ def report(res):
 
 
 def write_json(path, data):
-    """The results as JSON, written atomically (``cnn_core.atomic_write``)."""
+    """The results as JSON, written atomically (``cnn_files.atomic_write``)."""
     text = json.dumps(data, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
-    with cc.atomic_write(path) as f:
+    with F.atomic_write(path) as f:
         f.write((text + "\n").encode())
 
 
@@ -328,7 +330,7 @@ def main(argv=None):
            "targets": TARGETS}
     log("GEMM ...")
     res["gemm"] = gemm = bench_gemm(2048, cfg["gemm_repeats"])
-    model = cc.mnist_cnn(impl="vectorized", seed=0)
+    model = M.mnist_cnn(impl="vectorized", seed=0)
     log("training ...")
     times = bench_training(model, cfg["warmup"], cfg["steps"])
     log("inference ...")
@@ -347,7 +349,7 @@ def main(argv=None):
                        "macs_per_step": step_macs, "gflops": gflops, "fraction_of_gemm": gflops / gemm["gflops"],
                        "meets_target": gflops / gemm["gflops"] >= TARGETS["training_fraction_of_gemm"]}
     gflops = 2 * fwd_macs / BATCH * n / secs / 1e9
-    batch = inspect.signature(cc.Sequential.predict_proba).parameters["batch_size"].default
+    batch = inspect.signature(M.Sequential.predict_proba).parameters["batch_size"].default
     res["inference"] = {"images": n, "batch": batch, "repeats": cfg["infer_repeats"], "seconds": secs,
                         "images_per_s": n / secs, "macs_per_image": fwd_macs // BATCH, "gflops": gflops,
                         "fraction_of_gemm": gflops / gemm["gflops"],

@@ -19,8 +19,11 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-import cnn_core as C  # noqa: E402
+import cnn_model as M  # noqa: E402
+import cnn_train as T  # noqa: E402
+import cnn_files as F  # noqa: E402
 import cnn_data as D  # noqa: E402
+import cnn_images as I  # noqa: E402
 
 QUICK = os.environ.get("CNN_QUICK") == "1"
 OUT = Path(os.environ.get("CNN_OUT", ROOT))
@@ -40,7 +43,7 @@ def load_cifar10():
     try:
         data, source = D.load_cifar10(normalize="standard"), "the official CIFAR-10 python archive"
     except D.DatasetError:
-        data = D.load_cifar10_jpeg(normalize="standard")
+        data = I.load_cifar10_jpeg(normalize="standard")
         source = ("the **JPEG re-encoded copy** of CIFAR-10 from the offline mirror (same images, labels "
                   "and split as the official set, lossy pixels: about 30 dB PSNR), because the official "
                   "archive was not available; accuracies on it are close to, not equal to, official ones")
@@ -63,12 +66,6 @@ def load(dataset="mnist"):
     return subset(data, 2000, 500, 1000) if QUICK else data
 
 
-def save_json(path, obj):
-    """Write JSON atomically (``cnn_core.atomic_write``)."""
-    with C.atomic_write(path) as f:
-        f.write(json.dumps(obj, indent=1, default=float).encode())
-
-
 def train_or_load(name, build, data, optimizer, epochs, **fit_kwargs):
     """Train ``build()`` on ``data`` unless runs/<name>.npz already exists.
 
@@ -78,14 +75,14 @@ def train_or_load(name, build, data, optimizer, epochs, **fit_kwargs):
     slug = re.sub(r"[^A-Za-z0-9.-]+", "_", name)          # run names may hold spaces and slashes
     model_path, history_path = RUNS / f"{slug}.npz", RUNS / f"{slug}.json"
     if model_path.exists() and history_path.exists():
-        return C.Sequential.load(model_path), json.loads(history_path.read_text())
+        return M.Sequential.load(model_path), json.loads(history_path.read_text())
     checkpoint = RUNS / f"{slug}.checkpoint.npz"
     model = build()
-    history = C.fit(model, data.x_train, data.y_train, optimizer, epochs,
+    history = T.fit(model, data.x_train, data.y_train, optimizer, epochs,
                     validation=(data.x_val, data.y_val), checkpoint=checkpoint,
                     progress=False, **fit_kwargs).as_dict()
     model.save(model_path)
-    save_json(history_path, history)
+    F.save_json(history_path, history)
     checkpoint.unlink()
     return model, history
 
@@ -94,6 +91,6 @@ def mnist_model(data, name="mnist_cnn"):
     """The report's MNIST network, trained with the report's recipe (or loaded);
     also used unchanged for Fashion-MNIST."""
     return train_or_load(
-        name, lambda: C.mnist_cnn(seed=0), data, C.Adam(MNIST_LR), MNIST_EPOCHS,
-        batch_size=64, schedule=C.cosine_schedule(MNIST_LR, MNIST_EPOCHS, lr_min=1e-5),
-        augment=C.augmentation(crop=MNIST_SHIFT), seed=0)
+        name, lambda: M.mnist_cnn(seed=0), data, T.Adam(MNIST_LR), MNIST_EPOCHS,
+        batch_size=64, schedule=T.cosine_schedule(MNIST_LR, MNIST_EPOCHS, lr_min=1e-5),
+        augment=T.augmentation(crop=MNIST_SHIFT), seed=0)

@@ -18,8 +18,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))          # so plain `pytest` works as well as `python -m pytest`
-import cnn_data                        # noqa: E402
-from cnn_data import DatasetError      # noqa: E402
+import cnn_data as D  # noqa: E402
+import cnn_images as I  # noqa: E402
+from cnn_data import DatasetError  # noqa: E402
 
 # Read before the autouse fixture below clears the variable. Relative paths start from the repo.
 REAL_MIRROR = REPO / os.environ.get("CNN_DATA_MIRROR", str(REPO.parent / "shared" / "datasets"))
@@ -30,9 +31,9 @@ UNREACHABLE = ("http://127.0.0.1:9/",)     # the discard port: the connection is
 def isolated(tmp_path, monkeypatch):
     """No mirror, no network, and a cache folder inside tmp_path: tests never touch data/."""
     monkeypatch.delenv("CNN_DATA_MIRROR", raising=False)
-    monkeypatch.setattr(cnn_data, "DATA_DIR", tmp_path / "cache")
-    monkeypatch.setattr(cnn_data, "BASE_URLS", {name: UNREACHABLE if urls else ()
-                                                for name, urls in cnn_data.BASE_URLS.items()})
+    monkeypatch.setattr(D, "DATA_DIR", tmp_path / "cache")
+    monkeypatch.setattr(D, "BASE_URLS", {name: UNREACHABLE if urls else ()
+                                                for name, urls in D.BASE_URLS.items()})
 
 
 # ---------------------------------------------------------------- helpers building official formats
@@ -75,7 +76,7 @@ def make_fake_mnist(mirror, n_train=50, n_test=20):
 def fake_mnist(tmp_path, monkeypatch):
     """A local mirror with a tiny MNIST (50 train, 20 test images), selected via CNN_DATA_MIRROR."""
     mirror = tmp_path / "mirror"
-    monkeypatch.setitem(cnn_data.CHECKSUMS, "mnist", make_fake_mnist(mirror))
+    monkeypatch.setitem(D.CHECKSUMS, "mnist", make_fake_mnist(mirror))
     monkeypatch.setenv("CNN_DATA_MIRROR", str(mirror))
     return mirror
 
@@ -128,8 +129,8 @@ def test_read_idx_hand_written_labels_and_images(tmp_path):
     labels = write(tmp_path / "labels", b"\x00\x00\x08\x01" b"\x00\x00\x00\x03" b"\x07\x02\x01")
     images = write(tmp_path / "images.gz", gzip.compress(
         b"\x00\x00\x08\x03" b"\x00\x00\x00\x02" b"\x00\x00\x00\x01" b"\x00\x00\x00\x02" b"\x01\x02\x03\x04"))
-    assert cnn_data.read_idx(labels).tolist() == [7, 2, 1]
-    x = cnn_data.read_idx(images)
+    assert D.read_idx(labels).tolist() == [7, 2, 1]
+    x = D.read_idx(images)
     assert x.dtype == np.uint8 and x.shape == (2, 1, 2)
     assert x.tolist() == [[[1, 2]], [[3, 4]]]
 
@@ -143,7 +144,7 @@ def test_read_idx_hand_written_labels_and_images(tmp_path):
 def test_read_idx_rejects_malformed_files(tmp_path, data, message):
     path = write(tmp_path / "bad-idx1-ubyte", data)
     with pytest.raises(DatasetError, match=message) as info:
-        cnn_data.read_idx(path)
+        D.read_idx(path)
     assert "bad-idx1-ubyte" in str(info.value)
 
 
@@ -151,7 +152,7 @@ def test_read_idx_truncated_gzip_is_reported_as_corrupt(tmp_path):
     data = gzip.compress(idx_bytes(np.arange(1000) % 10))
     path = write(tmp_path / "short-labels-idx1-ubyte.gz", data[: len(data) // 2])
     with pytest.raises(DatasetError, match="corrupt") as info:
-        cnn_data.read_idx(path)
+        D.read_idx(path)
     assert "short-labels-idx1-ubyte.gz" in str(info.value)
 
 
@@ -160,13 +161,13 @@ def test_read_idx_truncated_gzip_is_reported_as_corrupt(tmp_path):
 def test_local_mirror_file_is_verified_and_used_in_place(tmp_path, monkeypatch):
     path = write(tmp_path / "mirror" / "toy" / "a.bin", b"hello")
     monkeypatch.setenv("CNN_DATA_MIRROR", str(tmp_path / "mirror"))
-    assert cnn_data.fetch("toy", "a.bin", sha256(b"hello"), UNREACHABLE) == path
+    assert D.fetch("toy", "a.bin", sha256(b"hello"), UNREACHABLE) == path
     assert not (tmp_path / "cache").exists()                  # nothing copied
     with pytest.raises(DatasetError, match="corrupt") as info:
-        cnn_data.fetch("toy", "a.bin", sha256(b"other"), UNREACHABLE)
+        D.fetch("toy", "a.bin", sha256(b"other"), UNREACHABLE)
     assert str(path) in str(info.value)
     with pytest.raises(DatasetError, match="CNN_DATA_MIRROR") as info:
-        cnn_data.fetch("toy", "missing.bin", sha256(b""), UNREACHABLE)
+        D.fetch("toy", "missing.bin", sha256(b""), UNREACHABLE)
     assert "toy/missing.bin" in str(info.value)
 
 
@@ -175,25 +176,25 @@ def test_gz_checksum_is_of_the_decompressed_content(tmp_path, monkeypatch):
     content = idx_bytes(np.arange(100) % 10)
     write(tmp_path / "m" / "toy" / "x.gz", gzip.compress(content, compresslevel=1, mtime=7))
     monkeypatch.setenv("CNN_DATA_MIRROR", str(tmp_path / "m"))
-    assert cnn_data.fetch("toy", "x.gz", sha256(content), UNREACHABLE).name == "x.gz"
+    assert D.fetch("toy", "x.gz", sha256(content), UNREACHABLE).name == "x.gz"
 
 
 def test_file_url_mirror_downloads_atomically_into_the_cache(tmp_path, monkeypatch):
     write(tmp_path / "m" / "toy" / "a.bin", b"payload")
     monkeypatch.setenv("CNN_DATA_MIRROR", (tmp_path / "m").as_uri())
-    path = cnn_data.fetch("toy", "a.bin", sha256(b"payload"), UNREACHABLE)
+    path = D.fetch("toy", "a.bin", sha256(b"payload"), UNREACHABLE)
     assert path == tmp_path / "cache" / "toy" / "a.bin" and path.read_bytes() == b"payload"
     assert os.listdir(path.parent) == ["a.bin"]               # no temporary file left behind
     # Once cached, the file is used without any source at all.
     monkeypatch.delenv("CNN_DATA_MIRROR")
-    assert cnn_data.fetch("toy", "a.bin", sha256(b"payload"), UNREACHABLE) == path
+    assert D.fetch("toy", "a.bin", sha256(b"payload"), UNREACHABLE) == path
 
 
 def test_download_with_wrong_checksum_leaves_no_file(tmp_path, monkeypatch):
     write(tmp_path / "m" / "toy" / "a.bin", b"tampered")
     monkeypatch.setenv("CNN_DATA_MIRROR", (tmp_path / "m").as_uri())
     with pytest.raises(DatasetError, match="checksum"):
-        cnn_data.fetch("toy", "a.bin", sha256(b"payload"), UNREACHABLE)
+        D.fetch("toy", "a.bin", sha256(b"payload"), UNREACHABLE)
     assert os.listdir(tmp_path / "cache" / "toy") == []
 
 
@@ -201,7 +202,7 @@ def test_download_works_without_tqdm(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tqdm", None)            # makes `from tqdm import tqdm` fail
     write(tmp_path / "m" / "toy" / "a.bin", b"payload")
     monkeypatch.setenv("CNN_DATA_MIRROR", (tmp_path / "m").as_uri())
-    assert cnn_data.fetch("toy", "a.bin", sha256(b"payload"), UNREACHABLE).read_bytes() == b"payload"
+    assert D.fetch("toy", "a.bin", sha256(b"payload"), UNREACHABLE).read_bytes() == b"payload"
 
 
 def test_http_mirror_download_and_404(tmp_path, monkeypatch):
@@ -212,9 +213,9 @@ def test_http_mirror_download_and_404(tmp_path, monkeypatch):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         monkeypatch.setenv("CNN_DATA_MIRROR", f"http://127.0.0.1:{server.server_port}/")
-        assert cnn_data.fetch("toy", "a.bin", sha256(b"over http"), ()).read_bytes() == b"over http"
+        assert D.fetch("toy", "a.bin", sha256(b"over http"), ()).read_bytes() == b"over http"
         with pytest.raises(DatasetError, match="404") as info:
-            cnn_data.fetch("toy", "gone.bin", sha256(b""), ())
+            D.fetch("toy", "gone.bin", sha256(b""), ())
         assert "attempt 2" not in str(info.value)             # a 404 is not retried
     finally:
         server.shutdown()
@@ -227,7 +228,7 @@ def test_corrupt_cached_file_is_moved_aside_and_downloaded_again(tmp_path, monke
     write(tmp_path / "m" / "toy" / "a.gz", gzip.compress(content))
     monkeypatch.setenv("CNN_DATA_MIRROR", (tmp_path / "m").as_uri())
     with pytest.warns(UserWarning, match="corrupt"):
-        path = cnn_data.fetch("toy", "a.gz", sha256(content), UNREACHABLE)
+        path = D.fetch("toy", "a.gz", sha256(content), UNREACHABLE)
     assert path == cached and gzip.decompress(path.read_bytes()) == content
     assert gzip.decompress((cached.parent / "a.gz.corrupt").read_bytes()) == b"bad content"
 
@@ -236,22 +237,22 @@ def test_truncated_cached_gzip_offline_is_never_used(tmp_path):
     data = gzip.compress(b"x" * 100_000 + bytes(range(256)) * 100)
     cached = write(tmp_path / "cache" / "toy" / "a.gz", data[:-20])
     with pytest.warns(UserWarning, match="a.gz is corrupt"), pytest.raises(DatasetError, match="CNN_DATA_MIRROR"):
-        cnn_data.fetch("toy", "a.gz", sha256(gzip.decompress(data)), ["http://127.0.0.1:9/a.gz"])
+        D.fetch("toy", "a.gz", sha256(gzip.decompress(data)), ["http://127.0.0.1:9/a.gz"])
     assert not cached.exists() and (cached.parent / "a.gz.corrupt").exists()
 
 
 def test_offline_without_mirror_says_how_to_fix_it():
     with pytest.raises(DatasetError, match="CNN_DATA_MIRROR") as info:
-        cnn_data.load_mnist()
+        D.load_mnist()
     assert "mnist/train-images-idx3-ubyte.gz" in str(info.value) and "127.0.0.1:9" in str(info.value)
     with pytest.raises(DatasetError, match="only available from a mirror.*CNN_DATA_MIRROR"):
-        cnn_data.load_cifar10_jpeg()
+        I.load_cifar10_jpeg()
 
 
 # ---------------------------------------------------------------- MNIST loader, split, normalisation
 
 def test_load_mnist_shapes_dtypes_and_disjoint_split(fake_mnist):
-    ds = cnn_data.load_mnist(normalize=None, validation_size=10)
+    ds = D.load_mnist(normalize=None, validation_size=10)
     assert ds.x_train.shape == (40, 1, 28, 28) and ds.x_val.shape == (10, 1, 28, 28)
     assert ds.x_test.shape == (20, 1, 28, 28) and ds.x_train.dtype == np.uint8
     assert ds.y_train.dtype == np.int64 and ds.y_train.shape == (40,) and ds.class_names == tuple("0123456789")
@@ -262,16 +263,16 @@ def test_load_mnist_shapes_dtypes_and_disjoint_split(fake_mnist):
 
 
 def test_validation_split_is_seeded(fake_mnist):
-    val = [cnn_data.load_mnist(normalize=None, validation_size=10, seed=s).x_val[:, 0, 0, 0] for s in (0, 0, 1)]
+    val = [D.load_mnist(normalize=None, validation_size=10, seed=s).x_val[:, 0, 0, 0] for s in (0, 0, 1)]
     assert np.array_equal(val[0], val[1]) and not np.array_equal(val[0], val[2])
-    empty = cnn_data.load_mnist(validation_size=0)
+    empty = D.load_mnist(validation_size=0)
     assert empty.x_val.shape == (0, 1, 28, 28) and empty.y_val.shape == (0,) and len(empty.x_train) == 50
 
 
 def test_normalisation_modes(fake_mnist):
-    raw = cnn_data.load_mnist(normalize=None, validation_size=10)
-    unit = cnn_data.load_mnist(normalize="unit", validation_size=10, dtype=np.float64)
-    std = cnn_data.load_mnist(normalize="standard", validation_size=10)
+    raw = D.load_mnist(normalize=None, validation_size=10)
+    unit = D.load_mnist(normalize="unit", validation_size=10, dtype=np.float64)
+    std = D.load_mnist(normalize="standard", validation_size=10)
     assert unit.x_train.dtype == np.float64 and std.x_train.dtype == np.float32
     assert np.allclose(unit.x_test, raw.x_test / 255) and 0 <= unit.x_train.min() and unit.x_train.max() <= 1
     # Statistics from the training split only (not validation, not test).
@@ -287,15 +288,15 @@ def test_normalisation_modes(fake_mnist):
                                     dict(validation_size=50), dict(dtype=np.int32), dict(dataset="kmnist")])
 def test_bad_arguments_raise_value_error(fake_mnist, kwargs):
     with pytest.raises(ValueError):
-        cnn_data.load_mnist(**kwargs)
+        D.load_mnist(**kwargs)
 
 
 def test_mismatched_image_and_label_counts(tmp_path, monkeypatch, fake_mnist):
     raw = idx_bytes(np.zeros(7, dtype=np.uint8))
     write(fake_mnist / "mnist" / "t10k-labels-idx1-ubyte.gz", gzip.compress(raw))
-    monkeypatch.setitem(cnn_data.CHECKSUMS["mnist"], "t10k-labels-idx1-ubyte.gz", sha256(raw))
+    monkeypatch.setitem(D.CHECKSUMS["mnist"], "t10k-labels-idx1-ubyte.gz", sha256(raw))
     with pytest.raises(DatasetError, match="do not match"):
-        cnn_data.load_mnist()
+        D.load_mnist()
 
 
 # ---------------------------------------------------------------- CIFAR-10 python format
@@ -311,7 +312,7 @@ def make_fake_cifar(path, per_batch=2):
     batches["data_batch_1"][b"data"][0, 1024 + 5] = 100     # G plane, pixel (0, 5)
     batches["data_batch_1"][b"data"][0, 2048 + 32] = 50     # B plane, pixel (1, 0)
     batches["test_batch"] = batch(7)
-    batches["batches.meta"] = {b"label_names": [n.encode() for n in cnn_data.CLASS_NAMES["cifar10"]]}
+    batches["batches.meta"] = {b"label_names": [n.encode() for n in D.CLASS_NAMES["cifar10"]]}
     with tarfile.open(path, "w:gz") as archive:
         for name, obj in batches.items():
             data = pickle.dumps(obj, protocol=2)
@@ -324,15 +325,15 @@ def make_fake_cifar(path, per_batch=2):
 def test_load_cifar10_official_pickle_format(tmp_path, monkeypatch):
     archive = tmp_path / "m" / "cifar10" / "cifar-10-python.tar.gz"
     archive.parent.mkdir(parents=True)
-    monkeypatch.setitem(cnn_data.CHECKSUMS["cifar10"], archive.name, make_fake_cifar(archive))
+    monkeypatch.setitem(D.CHECKSUMS["cifar10"], archive.name, make_fake_cifar(archive))
     monkeypatch.setenv("CNN_DATA_MIRROR", str(tmp_path / "m"))
-    ds = cnn_data.load_cifar10(normalize=None, validation_size=0)
+    ds = D.load_cifar10(normalize=None, validation_size=0)
     assert ds.x_train.shape == (10, 3, 32, 32) and ds.x_test.shape == (2, 3, 32, 32)
     assert ds.x_train[0, 0, 0, 0] == 200 and ds.x_train[0, 1, 0, 5] == 100 and ds.x_train[0, 2, 1, 0] == 50
     assert ds.x_train.sum() == 350
     assert ds.y_train.tolist() == [1, 2, 2, 3, 3, 4, 4, 5, 5, 6] and ds.y_test.tolist() == [7, 8]
     assert ds.class_names[0] == "airplane" and ds.class_names[-1] == "truck"
-    std = cnn_data.load_cifar10(normalize="standard", validation_size=2)
+    std = D.load_cifar10(normalize="standard", validation_size=2)
     assert np.allclose(std.x_train.mean(axis=(0, 2, 3)), 0, atol=1e-5)     # per-channel statistics
     assert np.allclose(std.x_train.std(axis=(0, 2, 3)), 1, atol=1e-4)
 
@@ -341,10 +342,10 @@ def test_cifar10_archive_without_a_batch_is_rejected(tmp_path, monkeypatch):
     archive = tmp_path / "m" / "cifar10" / "cifar-10-python.tar.gz"
     with tarfile.open(write(archive, b""), "w:gz") as tar:
         tar.addfile(tarfile.TarInfo("cifar-10-batches-py/readme.html"), io.BytesIO())
-    monkeypatch.setitem(cnn_data.CHECKSUMS["cifar10"], archive.name, hashlib.md5(archive.read_bytes()).hexdigest())
+    monkeypatch.setitem(D.CHECKSUMS["cifar10"], archive.name, hashlib.md5(archive.read_bytes()).hexdigest())
     monkeypatch.setenv("CNN_DATA_MIRROR", str(tmp_path / "m"))
     with pytest.raises(DatasetError, match="data_batch_1") as info:
-        cnn_data.load_cifar10()
+        D.load_cifar10()
     assert "cifar-10-python.tar.gz" in str(info.value)
 
 
@@ -356,7 +357,7 @@ def test_image_folder_from_folder_zip_and_tar_gz(tmp_path, kind):
     source = {"folder": lambda: as_folder(tmp_path / "pets", files),
               "zip": lambda: as_zip(tmp_path / "pets.zip", files),
               "tar.gz": lambda: as_tar_gz(tmp_path / "pets.tar.gz", files)}[kind]()
-    ds = cnn_data.load_image_folder(source, normalize=None)
+    ds = I.load_image_folder(source, normalize=None)
     assert ds.class_names == ("cat", "dog")
     assert ds.x_train.shape == (6, 3, 4, 4) and ds.x_test.shape == (2, 3, 4, 4) and ds.x_train.dtype == np.uint8
     assert ds.y_train.tolist() == [0, 0, 0, 1, 1, 1] and ds.y_test.tolist() == [0, 1]
@@ -367,24 +368,24 @@ def test_image_folder_from_folder_zip_and_tar_gz(tmp_path, kind):
 def test_image_folder_resize_and_mixed_sizes(tmp_path):
     source = as_folder(tmp_path / "mixed", image_layout(sizes={"train/dog/2.png": (6, 5)}))
     with pytest.raises(DatasetError, match="size=") as info:
-        cnn_data.load_image_folder(source)
+        I.load_image_folder(source)
     assert "train/dog/2.png" in str(info.value)
-    ds = cnn_data.load_image_folder(source, size=(8, 6), validation_size=2)
+    ds = I.load_image_folder(source, size=(8, 6), validation_size=2)
     assert ds.x_train.shape == (4, 3, 8, 6) and ds.x_val.shape == (2, 3, 8, 6) and ds.x_test.shape == (2, 3, 8, 6)
     assert ds.x_train.dtype == np.float32 and ds.x_train.max() == 1.0
 
 
 def test_image_folder_second_load_comes_from_the_cache(tmp_path, monkeypatch):
     source = as_zip(tmp_path / "pets.zip", image_layout())
-    first = cnn_data.load_image_folder(source)
+    first = I.load_image_folder(source)
 
     def no_decoding(*args):
         raise AssertionError("decoded although the cache should have been used")
-    monkeypatch.setattr(cnn_data, "_decode_image", no_decoding)
-    second = cnn_data.load_image_folder(source)
+    monkeypatch.setattr(I, "_decode_image", no_decoding)
+    second = I.load_image_folder(source)
     assert np.array_equal(first.x_train, second.x_train) and first.class_names == second.class_names
     with pytest.raises(AssertionError, match="decoded"):               # another size: not in the cache
-        cnn_data.load_image_folder(source, size=(2, 2))
+        I.load_image_folder(source, size=(2, 2))
     assert not [p for p in (tmp_path / "cache" / "image-folder-cache").iterdir() if p.suffix != ".npz"]
 
 
@@ -399,19 +400,19 @@ def test_image_folder_errors_name_the_file_or_class(tmp_path, change, message):
     root = as_folder(tmp_path / "pets", image_layout())
     change(root)
     with pytest.raises(DatasetError, match=message):
-        cnn_data.load_image_folder(root, cache=False)
+        I.load_image_folder(root, cache=False)
 
 
 def test_image_folder_missing_split_missing_path_and_truncated_archive(tmp_path):
     files = {name: data for name, data in image_layout().items() if name.startswith("train/")}
     with pytest.raises(DatasetError, match="test/"):
-        cnn_data.load_image_folder(as_zip(tmp_path / "no-test.zip", files))
+        I.load_image_folder(as_zip(tmp_path / "no-test.zip", files))
     with pytest.raises(DatasetError, match="does not exist"):
-        cnn_data.load_image_folder(tmp_path / "nowhere")
+        I.load_image_folder(tmp_path / "nowhere")
     data = as_tar_gz(tmp_path / "pets.tar.gz", image_layout()).read_bytes()
     cut = write(tmp_path / "cut.tar.gz", data[: len(data) - 200])
     with pytest.raises(DatasetError, match="cut.tar.gz"):
-        cnn_data.load_image_folder(cut)
+        I.load_image_folder(cut)
 
 
 # ---------------------------------------------------------------- the real files, when a mirror is here
@@ -423,7 +424,7 @@ needs_mirror = pytest.mark.skipif(not (REAL_MIRROR / "mnist").is_dir(),
 @needs_mirror
 def test_real_mnist(monkeypatch):
     monkeypatch.setenv("CNN_DATA_MIRROR", str(REAL_MIRROR))
-    ds = cnn_data.load_mnist(normalize=None)
+    ds = D.load_mnist(normalize=None)
     assert ds.x_train.shape == (55000, 1, 28, 28) and ds.x_val.shape == (5000, 1, 28, 28)
     assert ds.x_test.shape == (10000, 1, 28, 28) and set(ds.y_test.tolist()) == set(range(10))
     counts = np.bincount(np.concatenate([ds.y_train, ds.y_val]), minlength=10)
@@ -433,9 +434,9 @@ def test_real_mnist(monkeypatch):
 @needs_mirror
 def test_real_fashion_mnist_and_cifar10_jpeg_archive(monkeypatch):
     monkeypatch.setenv("CNN_DATA_MIRROR", str(REAL_MIRROR))
-    ds = cnn_data.load_fashion_mnist(validation_size=0, normalize=None)
+    ds = D.load_fashion_mnist(validation_size=0, normalize=None)
     assert np.bincount(ds.y_train).tolist() == [6000] * 10 and len(ds.x_test) == 10000
     assert ds.class_names[0] == "T-shirt/top" and ds.class_names[9] == "Ankle boot"
     # Only verify the CIFAR-10 JPEG archive: decoding its 60,000 images is too slow for a test.
-    assert cnn_data.fetch("cifar10-jpeg", "cifar10-jpeg.tar.gz", cnn_data.CHECKSUMS["cifar10-jpeg"]
+    assert D.fetch("cifar10-jpeg", "cifar10-jpeg.tar.gz", D.CHECKSUMS["cifar10-jpeg"]
                           ["cifar10-jpeg.tar.gz"], ()).is_file()

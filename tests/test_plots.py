@@ -7,8 +7,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-import cnn_core as core
-import cnn_plots as plots
+import cnn_layers as L
+import cnn_model as M
+import cnn_train as T
+import cnn_metrics as E
+import cnn_plots as P
 
 
 @pytest.fixture(autouse=True)
@@ -20,38 +23,38 @@ def close_figures():
 def tiny_model(dropout=0.5):
     """Conv -> ReLU -> MaxPool -> Flatten -> Dense -> ReLU -> Dropout -> Dense, float64."""
     f64 = dict(dtype=np.float64)
-    return core.Sequential([
-        core.Conv2D(1, 2, 3, padding=1, **f64), core.ReLU(), core.MaxPool2D(2), core.Flatten(),
-        core.Dense(2 * 3 * 3, 8, **f64), core.ReLU(), core.Dropout(dropout), core.Dense(8, 3, **f64),
+    return M.Sequential([
+        L.Conv2D(1, 2, 3, padding=1, **f64), L.ReLU(), L.MaxPool2D(2), L.Flatten(),
+        L.Dense(2 * 3 * 3, 8, **f64), L.ReLU(), L.Dropout(dropout), L.Dense(8, 3, **f64),
     ], seed=1)
 
 
 RNG = np.random.default_rng(0)
-HISTORY = core.History(train_loss=[1.0, 0.6, 0.4], train_acc=[0.6, 0.8, 0.9],
+HISTORY = T.History(train_loss=[1.0, 0.6, 0.4], train_acc=[0.6, 0.8, 0.9],
                        val_loss=[0.9, 0.7, 0.6], val_acc=[0.65, 0.75, 0.8])
 Y_TRUE, Y_PRED = RNG.integers(0, 3, 30), RNG.integers(0, 3, 30)
-REPORT = core.classification_report(Y_TRUE, Y_PRED, class_names=["cat", "dog", "bird"])
+REPORT = E.classification_report(Y_TRUE, Y_PRED, class_names=["cat", "dog", "bird"])
 GRAY = RNG.normal(size=(12, 1, 8, 8))
 RGB = RNG.uniform(size=(5, 3, 8, 8))
 PROBA = RNG.dirichlet(np.ones(3), size=30)
 
 CASES = {
-    "history": lambda p: plots.plot_history(HISTORY, path=p),
-    "history_no_val": lambda p: plots.plot_history({"train_loss": [1.0, 0.5], "train_acc": [0.5, 0.7],
+    "history": lambda p: P.plot_history(HISTORY, path=p),
+    "history_no_val": lambda p: P.plot_history({"train_loss": [1.0, 0.5], "train_acc": [0.5, 0.7],
                                                     "val_loss": [], "val_acc": []}, path=p),
-    "confusion": lambda p: plots.plot_confusion_matrix(REPORT["confusion"], REPORT["class_names"], path=p),
-    "confusion_norm": lambda p: plots.plot_confusion_matrix(REPORT["confusion"], REPORT["class_names"],
+    "confusion": lambda p: P.plot_confusion_matrix(REPORT["confusion"], REPORT["class_names"], path=p),
+    "confusion_norm": lambda p: P.plot_confusion_matrix(REPORT["confusion"], REPORT["class_names"],
                                                             normalize=True, path=p),
-    "per_class": lambda p: plots.plot_per_class(REPORT, path=p),
-    "images_gray": lambda p: plots.plot_images(GRAY, titles=[str(k) for k in range(12)], ncols=5, path=p),
-    "images_rgb": lambda p: plots.plot_images(RGB, path=p),
-    "misclassified": lambda p: plots.plot_misclassified(RNG.uniform(size=(30, 1, 8, 8)), Y_TRUE, Y_PRED,
+    "per_class": lambda p: P.plot_per_class(REPORT, path=p),
+    "images_gray": lambda p: P.plot_images(GRAY, titles=[str(k) for k in range(12)], ncols=5, path=p),
+    "images_rgb": lambda p: P.plot_images(RGB, path=p),
+    "misclassified": lambda p: P.plot_misclassified(RNG.uniform(size=(30, 1, 8, 8)), Y_TRUE, Y_PRED,
                                                         PROBA, ["cat", "dog", "bird"], n=6, path=p),
-    "filters_gray": lambda p: plots.plot_filters(RNG.normal(size=(16, 1, 3, 3)), path=p),
-    "filters_multi": lambda p: plots.plot_filters(RNG.normal(size=(6, 12, 3, 3)), path=p, title="conv2"),
-    "filters_rgb": lambda p: plots.plot_filters(RNG.normal(size=(8, 3, 5, 5)), path=p),
-    "feature_maps": lambda p: plots.plot_feature_maps(RNG.normal(size=(40, 6, 6)), max_maps=10, path=p),
-    "saliency": lambda p: plots.plot_saliency(GRAY[:4], RNG.normal(size=(4, 1, 8, 8)),
+    "filters_gray": lambda p: P.plot_filters(RNG.normal(size=(16, 1, 3, 3)), path=p),
+    "filters_multi": lambda p: P.plot_filters(RNG.normal(size=(6, 12, 3, 3)), path=p, title="conv2"),
+    "filters_rgb": lambda p: P.plot_filters(RNG.normal(size=(8, 3, 5, 5)), path=p),
+    "feature_maps": lambda p: P.plot_feature_maps(RNG.normal(size=(40, 6, 6)), max_maps=10, path=p),
+    "saliency": lambda p: P.plot_saliency(GRAY[:4], RNG.normal(size=(4, 1, 8, 8)),
                                               titles=list("abcd"), path=p),
 }
 
@@ -67,35 +70,35 @@ def test_plot_returns_figure_and_writes_png_atomically(tmp_path, name):
 
 
 def test_save_leaves_no_temp_file_when_saving_fails(tmp_path, monkeypatch):
-    fig = plots.plot_history(HISTORY)
+    fig = P.plot_history(HISTORY)
     monkeypatch.setattr(fig, "savefig", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
-        plots.save_figure(fig, tmp_path / "h.png")
+        P.save_figure(fig, tmp_path / "h.png")
     assert os.listdir(tmp_path) == []
 
 
 def test_plot_history_draws_validation_only_when_present():
-    with_val = plots.plot_history(HISTORY)
-    without = plots.plot_history({"train_loss": [1.0, 0.5], "train_acc": [0.5, 0.7]})
+    with_val = P.plot_history(HISTORY)
+    without = P.plot_history({"train_loss": [1.0, 0.5], "train_acc": [0.5, 0.7]})
     assert [len(ax.lines) for ax in with_val.axes] == [2, 2]
     assert [len(ax.lines) for ax in without.axes] == [1, 1]
     assert list(with_val.axes[0].lines[0].get_xdata()) == [1, 2, 3]      # epochs from 1
 
 
 def test_plot_filters_rgb_tiles_are_scaled_to_unit_range():
-    image = plots.plot_filters(RNG.normal(size=(4, 3, 3, 3))).axes[0].get_images()[0].get_array()
+    image = P.plot_filters(RNG.normal(size=(4, 3, 3, 3))).axes[0].get_images()[0].get_array()
     assert image.shape[-1] == 3 and image.min() == 0.0 and image.max() == 1.0
 
 
 def test_feature_maps_one_entry_per_layer_with_shapes():
-    model = core.mnist_cnn()
-    maps = plots.feature_maps(model, RNG.uniform(size=(1, 28, 28)).astype(np.float32))
+    model = M.mnist_cnn()
+    maps = P.feature_maps(model, RNG.uniform(size=(1, 28, 28)).astype(np.float32))
     assert [label for label, _ in maps] == [layer.label() for layer in model.layers]
     assert [a.shape for _, a in maps] == [
         (1, 32, 28, 28), (1, 32, 28, 28), (1, 32, 14, 14), (1, 64, 14, 14), (1, 64, 14, 14),
         (1, 64, 7, 7), (1, 3136), (1, 128), (1, 128), (1, 128), (1, 10)]
     x = RNG.uniform(size=(3, 1, 28, 28)).astype(np.float32)
-    logits = plots.feature_maps(model, x)[-1][1]
+    logits = P.feature_maps(model, x)[-1][1]
     np.testing.assert_array_equal(logits, model.forward(x, training=False))
 
 
@@ -103,7 +106,7 @@ def test_input_gradient_matches_finite_differences_with_dropout_off():
     model = tiny_model(dropout=0.5)
     x = RNG.normal(size=(2, 1, 6, 6))
     labels = np.array([2, 0])
-    grad = plots.input_gradient(model, x, labels)
+    grad = P.input_gradient(model, x, labels)
     assert grad.shape == x.shape and grad.dtype == np.float64
 
     def score(xx):                                     # sum_n logit[n, labels[n]], inference mode
@@ -116,7 +119,7 @@ def test_input_gradient_matches_finite_differences_with_dropout_off():
         numeric[idx] = (score(x + step) - score(x - step)) / (2 * eps)
     assert np.abs(numeric).max() > 1e-3               # the check is not vacuous
     np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-7)
-    one = plots.input_gradient(model, x[1], 0)        # a single example and an int label
+    one = P.input_gradient(model, x[1], 0)        # a single example and an int label
     np.testing.assert_allclose(one, numeric[1], rtol=1e-5, atol=1e-7)
 
 
@@ -125,7 +128,7 @@ def test_occlusion_map_matches_a_loop_and_is_unchanged_on_zero_regions():
     x = RNG.uniform(0.5, 1.0, size=(1, 6, 6))
     x[:, :, :3] = 0.0                                  # left half is already all zeros
     label, patch, stride = 1, 3, 1
-    occ = plots.occlusion_map(model, x, label, patch=patch, stride=stride, fill=0.0, batch_size=5)
+    occ = P.occlusion_map(model, x, label, patch=patch, stride=stride, fill=0.0, batch_size=5)
     assert occ.shape == (4, 4)
     expected = np.empty((4, 4))
     for i in range(4):

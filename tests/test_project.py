@@ -54,12 +54,22 @@ def test_no_machine_learning_library_is_imported_anywhere():
 ALLOWED = {"numpy"} | set(sys.stdlib_module_names)
 
 
-def test_the_maths_imports_only_numpy_and_the_standard_library():
+MATHS_MODULES = ("cnn_core", "cnn_layers", "cnn_model", "cnn_train", "cnn_metrics", "cnn_gradcheck", "cnn_files")
+
+
+@pytest.mark.parametrize("module", MATHS_MODULES)
+def test_the_maths_imports_only_numpy_and_the_standard_library(module):
+    assert not imported_modules((ROOT / f"{module}.py").read_text()) - ALLOWED - set(MATHS_MODULES)
+
+
+def test_the_core_imports_nothing_but_numpy_and_the_standard_library():
     assert not imported_modules((ROOT / "cnn_core.py").read_text()) - ALLOWED
 
 
-def test_the_data_module_imports_tqdm_and_pillow_only_lazily():
-    source = (ROOT / "cnn_data.py").read_text()
-    assert not imported_modules(source, module_level_only=True) - ALLOWED - {"cnn_core"}
-    assert not imported_modules(source) - ALLOWED - {"cnn_core", "tqdm", "PIL"}
+@pytest.mark.parametrize("module", ["cnn_data", "cnn_images"])
+def test_the_data_modules_import_tqdm_and_pillow_only_lazily(module):
+    source = (ROOT / f"{module}.py").read_text()
+    project = set(MATHS_MODULES) | {"cnn_data"}
+    assert not imported_modules(source, module_level_only=True) - ALLOWED - project
+    assert not imported_modules(source) - ALLOWED - project - {"tqdm", "PIL"}
     assert imported_modules("import numpy\ndef f():\n    import PIL", module_level_only=True) == {"numpy"}

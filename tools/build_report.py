@@ -27,14 +27,9 @@ from traitlets.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from cnn_core import atomic_write  # noqa: E402
+from cnn_files import save_bytes  # noqa: E402
 
 NOTEBOOKS = ROOT / "notebooks"
-
-
-def write_atomically(path, data):
-    with atomic_write(path) as f:
-        f.write(data)
 
 
 def execute(source, target):
@@ -43,7 +38,7 @@ def execute(source, target):
     began = time.time()
     NotebookClient(nb, timeout=None, kernel_name="python3",
                    resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
-    write_atomically(target, nbformat.writes(nb).encode())
+    save_bytes(target, nbformat.writes(nb).encode())
     print(f"  {source.name}: {time.time() - began:.0f} s", flush=True)
     return nb
 
@@ -65,7 +60,7 @@ def export_pdf(nb, target):
     config.TagRemovePreprocessor.remove_cell_tags = {"remove-cell"}
     config.PDFExporter.latex_command = ["xelatex", "-interaction=nonstopmode", "{filename}"]
     pdf, _ = PDFExporter(config=config).from_notebook_node(nb)
-    write_atomically(target, pdf)
+    save_bytes(target, pdf)
 
 
 def main(argv=None):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from cnn_core import atomic_write  # noqa: E402
+from cnn_files import atomic_write  # noqa: E402
 
 
 def main(argv=None):

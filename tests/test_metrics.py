@@ -1,0 +1,52 @@
+"""Metrics on hand-computed examples."""
+
+import numpy as np
+import pytest
+
+import cnn_metrics as E
+
+
+Y_TRUE = np.array([0, 0, 1, 1, 2, 2, 2])
+
+
+Y_PRED = np.array([0, 1, 1, 1, 2, 0, 1])
+
+
+def test_confusion_matrix_and_accuracy():
+    np.testing.assert_array_equal(E.confusion_matrix(Y_TRUE, Y_PRED), [[1, 1, 0], [0, 2, 0], [1, 1, 1]])
+    assert E.accuracy(Y_TRUE, Y_PRED) == pytest.approx(4 / 7)
+
+
+def test_classification_report_by_hand():
+    r = E.classification_report(Y_TRUE, Y_PRED, class_names=["a", "b", "c"])
+    np.testing.assert_allclose(r["precision"], [1 / 2, 2 / 4, 1 / 1])
+    np.testing.assert_allclose(r["recall"], [1 / 2, 2 / 2, 1 / 3])
+    np.testing.assert_allclose(r["f1"], [0.5, 2 / 3, 0.5])
+    np.testing.assert_array_equal(r["support"], [2, 2, 3])
+    assert r["macro"]["precision"] == pytest.approx(2 / 3)
+    assert r["macro"]["recall"] == pytest.approx((0.5 + 1 + 1 / 3) / 3)
+    assert r["weighted"]["recall"] == pytest.approx(4 / 7)       # weighted recall is accuracy
+    assert r["weighted"]["precision"] == pytest.approx((2 * 0.5 + 2 * 0.5 + 3 * 1) / 7)
+    assert r["accuracy"] == pytest.approx(4 / 7)
+    text = E.format_report(r)
+    assert "macro avg" in text and "0.6667" in text
+
+
+def test_class_names_fix_the_number_of_classes_even_if_some_are_absent():
+    r = E.classification_report(np.array([0, 0]), np.array([0, 1]), class_names=["a", "b", "c"])
+    assert r["confusion"].shape == (3, 3) and r["support"].tolist() == [2, 0, 0]
+
+
+def test_classes_without_predictions_do_not_divide_by_zero():
+    with np.errstate(all="raise"):
+        r = E.classification_report(np.array([0, 1, 1]), np.array([1, 1, 1]), num_classes=4)
+    np.testing.assert_allclose(r["precision"], [0, 2 / 3, 0, 0])
+    np.testing.assert_allclose(r["recall"], [0, 1, 0, 0])
+    np.testing.assert_allclose(r["f1"], [0, 0.8, 0, 0])
+
+
+def test_metrics_reject_bad_labels():
+    with pytest.raises(ValueError, match="equal length"):
+        E.accuracy(np.array([0, 1]), np.array([0]))
+    with pytest.raises(ValueError, match=r"0\.\.2"):
+        E.confusion_matrix(np.array([0, 3]), np.array([0, 1]), num_classes=3)
