@@ -22,6 +22,8 @@ Conventions
 """
 from __future__ import annotations
 
+from collections import namedtuple
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -138,11 +140,11 @@ def check_labels(labels, n, num_classes, where):
 
 def conv2d_forward_loop(x, W, b, stride=(1, 1), padding=(0, 0)):
     """x: (N, C, H, W), W: (F, C, kh, kw), b: (F,) -> out: (N, F, OH, OW)."""
-    N, C, H, Wd = x.shape
+    N, C, H, W_in = x.shape                     # W_in: input width (W is the weights)
     F, _, kh, kw = W.shape
     sh, sw = stride
     xp = _pad(x, padding)
-    OH, OW = output_size(H, kh, sh, padding[0]), output_size(Wd, kw, sw, padding[1])
+    OH, OW = output_size(H, kh, sh, padding[0]), output_size(W_in, kw, sw, padding[1])
     out = np.empty((N, F, OH, OW), dtype=x.dtype)
     for n in range(N):
         for f in range(F):
@@ -186,7 +188,7 @@ def conv2d_forward_vectorized(x, W, b, stride=(1, 1), padding=(0, 0)):
     = W reordered to (F, kh, kw, C). The result is returned as an (N, F, OH, OW)
     *view* of the NHWC product: no copy, and the next layers keep that order.
     """
-    N, C, H, Wd = x.shape
+    N, C, H, W_in = x.shape
     F, _, kh, kw = W.shape
     sh, sw = stride
     xp = _pad(x.transpose(0, 2, 3, 1), padding, axes=(1, 2))        # (N, Hp, Wp, C)
@@ -221,9 +223,9 @@ def conv2d_backward_vectorized(dout, cache, input_grad=True):
 
 def maxpool_forward_loop(x, pool=(2, 2), stride=(2, 2)):
     """x: (N, C, H, W) -> out: (N, C, OH, OW); cache holds each window's arg-max."""
-    N, C, H, Wd = x.shape
+    N, C, H, W_in = x.shape
     (ph, pw), (sh, sw) = pool, stride
-    OH, OW = output_size(H, ph, sh, 0), output_size(Wd, pw, sw, 0)
+    OH, OW = output_size(H, ph, sh, 0), output_size(W_in, pw, sw, 0)
     out = np.empty((N, C, OH, OW), dtype=x.dtype)
     argmax = np.empty((N, C, OH, OW), dtype=np.intp)
     for n in range(N):
@@ -292,9 +294,9 @@ def maxpool_backward_vectorized(dout, cache):
 
 def avgpool_forward_loop(x, pool=(2, 2), stride=(2, 2)):
     """x: (N, C, H, W) -> out: (N, C, OH, OW)."""
-    N, C, H, Wd = x.shape
+    N, C, H, W_in = x.shape
     (ph, pw), (sh, sw) = pool, stride
-    out = np.empty((N, C, output_size(H, ph, sh, 0), output_size(Wd, pw, sw, 0)), dtype=x.dtype)
+    out = np.empty((N, C, output_size(H, ph, sh, 0), output_size(W_in, pw, sw, 0)), dtype=x.dtype)
     for n in range(N):
         for c in range(C):
             for i in range(out.shape[2]):
@@ -384,6 +386,11 @@ def dense_backward_vectorized(dout, cache, input_grad=True):
 #   dbeta_c = sum(g_c),  dgamma_c = sum(g_c * xhat_c),
 #   dx = gamma_c / sqrt(var_c + eps) * (g - dbeta_c / m - xhat * dgamma_c / m)
 
+# What the batch-norm backward needs; ``mean`` and ``var`` are the batch statistics the
+# layer also folds into its running averages.
+BatchNormCache = namedtuple("BatchNormCache", "xhat gamma mean var eps")
+
+
 def batchnorm_forward_loop(x, gamma, beta, eps=1e-5):
     """x: (N, C, ...) -> y: same shape, channel by channel with the batch's statistics."""
     y, xhat = np.empty_like(x), np.empty_like(x)
@@ -394,12 +401,12 @@ def batchnorm_forward_loop(x, gamma, beta, eps=1e-5):
         var[c] = np.sum((xc - mean[c]) ** 2) / xc.size
         xhat[:, c] = (xc - mean[c]) / np.sqrt(var[c] + eps)
         y[:, c] = gamma[c] * xhat[:, c] + beta[c]
-    return y, (xhat, gamma, var, eps, mean)
+    return y, BatchNormCache(xhat, gamma, mean, var, eps)
 
 
 def batchnorm_backward_loop(dout, cache, input_grad=True):
     """dout: (N, C, ...) -> dx: same shape, dgamma: (C,), dbeta: (C,)."""
-    xhat, gamma, var, eps, _ = cache
+    xhat, gamma, _, var, eps = cache
     dx, dgamma, dbeta = np.empty_like(dout), np.empty_like(gamma), np.empty_like(gamma)
     for c in range(dout.shape[1]):
         g, m = dout[:, c], dout[:, c].size
@@ -420,12 +427,12 @@ def batchnorm_forward_vectorized(x, gamma, beta, eps=1e-5):
     mean = x.mean(axis=axes, keepdims=True)
     var = x.var(axis=axes, keepdims=True)
     xhat = (x - mean) / np.sqrt(var + eps)
-    return gamma.reshape(shape) * xhat + beta.reshape(shape), (xhat, gamma, var.ravel(), eps, mean.ravel())
+    return gamma.reshape(shape) * xhat + beta.reshape(shape), BatchNormCache(xhat, gamma, mean.ravel(), var.ravel(), eps)
 
 
 def batchnorm_backward_vectorized(dout, cache, input_grad=True):
     """The loop version's three lines with sums over all non-channel axes."""
-    xhat, gamma, var, eps, _ = cache
+    xhat, gamma, _, var, eps = cache
     axes, shape = _channel_axes(dout)
     m = dout.size // dout.shape[1]
     dbeta, dgamma = dout.sum(axis=axes), (dout * xhat).sum(axis=axes)

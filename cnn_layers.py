@@ -8,6 +8,7 @@ a model) and ``impl`` ("loop" or "vectorized") where it has maths.
 from __future__ import annotations
 
 import math
+from collections import namedtuple
 
 import numpy as np
 
@@ -59,6 +60,9 @@ class Layer:
 
 IMPLS = ("loop", "vectorized")
 
+# A layer's maths for one implementation: its forward and backward functions from cnn_core.
+Maths = namedtuple("Maths", "forward backward")
+
 
 def _check_impl(impl):
     if impl not in IMPLS:
@@ -97,7 +101,7 @@ class ParamLayer(Layer):
     def dtype(self):
         return self.params["W"].dtype
 
-    functions = {}        # impl -> (forward, backward), given by each subclass
+    functions = {}        # impl -> Maths(forward, backward), given by each subclass
 
     def check(self, x):
         """Raise ValueError unless x is a valid input (each subclass says what that is)."""
@@ -108,14 +112,14 @@ class ParamLayer(Layer):
 
     def forward(self, x, training=True):
         self.check(x)
-        out, cache = self.functions[self.impl][0](x.astype(self.dtype, copy=False), self.params["W"],
+        out, cache = self.functions[self.impl].forward(x.astype(self.dtype, copy=False), self.params["W"],
                                                   self.params["b"], *self.hyperparameters())
         self._cache = cache if training else None
         return out
 
     def backward(self, dout, input_grad=True):
         """Fill ``grads`` and return dx (None when ``input_grad`` is False)."""
-        dx, dW, db = self.functions[self.impl][1](dout, self._cached(), input_grad)
+        dx, dW, db = self.functions[self.impl].backward(dout, self._cached(), input_grad)
         self.grads = {"W": dW, "b": db}
         return dx
 
@@ -144,8 +148,8 @@ class Conv2D(ParamLayer):
                     kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
                     impl=self.impl)
 
-    functions = {"loop": (conv2d_forward_loop, conv2d_backward_loop),
-                 "vectorized": (conv2d_forward_vectorized, conv2d_backward_vectorized)}
+    functions = {"loop": Maths(conv2d_forward_loop, conv2d_backward_loop),
+                 "vectorized": Maths(conv2d_forward_vectorized, conv2d_backward_vectorized)}
 
     def hyperparameters(self):
         return self.stride, self.padding
@@ -181,8 +185,8 @@ class Dense(ParamLayer):
     def config(self):
         return dict(in_features=self.in_features, out_features=self.out_features, impl=self.impl)
 
-    functions = {"loop": (dense_forward_loop, dense_backward_loop),
-                 "vectorized": (dense_forward_vectorized, dense_backward_vectorized)}
+    functions = {"loop": Maths(dense_forward_loop, dense_backward_loop),
+                 "vectorized": Maths(dense_forward_vectorized, dense_backward_vectorized)}
 
     def check(self, x):
         check_input(x, "Dense", "ND", self.in_features)
@@ -193,7 +197,7 @@ class Dense(ParamLayer):
 
 class _Pool2D(Layer):
     """Shared plumbing of the pooling layers; subclasses name their functions."""
-    functions = {}        # impl -> (forward, backward)
+    functions = {}        # impl -> Maths(forward, backward)
 
     def __init__(self, pool_size=2, stride=None, impl="vectorized"):
         super().__init__()
@@ -216,24 +220,24 @@ class _Pool2D(Layer):
         check_input(x, name, "NCHW")
         if x.shape[2] < self.pool_size[0] or x.shape[3] < self.pool_size[1]:
             raise ValueError(f"{name}: input {x.shape} is smaller than the pool {self.pool_size}")
-        out, cache = self.functions[self.impl][0](x, self.pool_size, self.stride)
+        out, cache = self.functions[self.impl].forward(x, self.pool_size, self.stride)
         self._cache = cache if training else None
         return out
 
     def backward(self, dout):
-        return self.functions[self.impl][1](dout, self._cached())
+        return self.functions[self.impl].backward(dout, self._cached())
 
 
 class MaxPool2D(_Pool2D):
     """Max pooling. x: (N, C, H, W) -> (N, C, OH, OW); stride defaults to pool_size."""
-    functions = {"loop": (maxpool_forward_loop, maxpool_backward_loop),
-                 "vectorized": (maxpool_forward_vectorized, maxpool_backward_vectorized)}
+    functions = {"loop": Maths(maxpool_forward_loop, maxpool_backward_loop),
+                 "vectorized": Maths(maxpool_forward_vectorized, maxpool_backward_vectorized)}
 
 
 class AvgPool2D(_Pool2D):
     """Average pooling. x: (N, C, H, W) -> (N, C, OH, OW); stride defaults to pool_size."""
-    functions = {"loop": (avgpool_forward_loop, avgpool_backward_loop),
-                 "vectorized": (avgpool_forward_vectorized, avgpool_backward_vectorized)}
+    functions = {"loop": Maths(avgpool_forward_loop, avgpool_backward_loop),
+                 "vectorized": Maths(avgpool_forward_vectorized, avgpool_backward_vectorized)}
 
 
 def _as_1d(forward_2d, backward_2d):
@@ -247,7 +251,7 @@ def _as_1d(forward_2d, backward_2d):
         dx, dW, db = backward_2d(dout[:, :, None, :], cache, input_grad)
         return (None if dx is None else dx[:, :, 0, :]), np.ascontiguousarray(dW[:, :, 0, :]), db
 
-    return forward, backward
+    return Maths(forward, backward)
 
 
 class Conv1D(ParamLayer):
@@ -256,7 +260,7 @@ class Conv1D(ParamLayer):
     ``params["W"]``: (C_out, C_in, k), ``params["b"]``: (C_out,);
     out[n, f, i] = b[f] + sum_{c, q} W[f, c, q] * xp[n, c, i*s + q].
     """
-    functions = {impl: _as_1d(*fns) for impl, fns in Conv2D.functions.items()}
+    functions = {impl: _as_1d(*maths) for impl, maths in Conv2D.functions.items()}
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
                  impl="vectorized", init="he", seed=None, dtype=DEFAULT_DTYPE):
@@ -326,8 +330,8 @@ class BatchNorm(Layer):
     (``buffers``) that evaluation uses instead, so a prediction does not depend
     on the rest of its batch. ``params``: gamma (scale) and beta (shift), (C,).
     """
-    functions = {"loop": (batchnorm_forward_loop, batchnorm_backward_loop),
-                 "vectorized": (batchnorm_forward_vectorized, batchnorm_backward_vectorized)}
+    functions = {"loop": Maths(batchnorm_forward_loop, batchnorm_backward_loop),
+                 "vectorized": Maths(batchnorm_forward_vectorized, batchnorm_backward_vectorized)}
 
     def __init__(self, num_channels, momentum=0.1, eps=1e-5, impl="vectorized", dtype=DEFAULT_DTYPE):
         super().__init__()
@@ -351,8 +355,8 @@ class BatchNorm(Layer):
             _, shape = _channel_axes(x)
             scale = gamma / np.sqrt(self.buffers["running_var"] + self.eps)
             return x * scale.reshape(shape) + (beta - self.buffers["running_mean"] * scale).reshape(shape)
-        out, cache = self.functions[self.impl][0](x, gamma, beta, self.eps)
-        _, _, var, _, mean = cache
+        out, cache = self.functions[self.impl].forward(x, gamma, beta, self.eps)
+        mean, var = cache.mean, cache.var
         m = x.size // x.shape[1]
         self.buffers["running_mean"] += self.momentum * (mean - self.buffers["running_mean"])
         # the running variance estimates the population's: unbiased, m / (m - 1)
@@ -361,7 +365,7 @@ class BatchNorm(Layer):
         return out
 
     def backward(self, dout, input_grad=True):
-        dx, dgamma, dbeta = self.functions[self.impl][1](dout, self._cached(), input_grad)
+        dx, dgamma, dbeta = self.functions[self.impl].backward(dout, self._cached(), input_grad)
         self.grads = {"gamma": dgamma, "beta": dbeta}
         return dx
 
