@@ -8,16 +8,24 @@ Files are downloaded once, checked against a known checksum and cached in `data/
 Offline, point the environment variable CNN_DATA_MIRROR at a folder (or base URL) laid out
 as `<mirror>/<dataset>/<filename>`, e.g. `CNN_DATA_MIRROR=../shared/datasets` (relative
 paths start from this file's folder).
-Every failure raises `DatasetError` with a message that says what to do.
+Every failure raises `DatasetError` with a message that says what to do: a download that
+fails in any way (no connection, timeout, HTTP error, a connection dropped mid-file, a garbled
+answer, a wrong checksum) moves on to the next source and, when none is left, names every URL
+tried, the cause, and how to use CNN_DATA_MIRROR. Downloads are written to a hidden
+`.<filename>.<random>.tmp` file next to the target and renamed once verified; one left by a
+killed process is deleted by the next fetch of that file (after STALE_AFTER seconds).
 """
 import contextlib
 import dataclasses
 import gzip
 import hashlib
+import http.client
 import os
 import pickle
+import re
 import struct
 import tarfile
+import time
 import types
 import urllib.error
 import urllib.request
@@ -35,6 +43,7 @@ MIRROR_ENV = "CNN_DATA_MIRROR"
 DOWNLOAD_ATTEMPTS = 2      # per URL, before moving on to the next one
 TIMEOUT = 30               # seconds without data before a download attempt is abandoned
 CHUNK = 1 << 20            # bytes read at a time when downloading or hashing
+STALE_AFTER = 3600         # seconds: an untouched temporary download file this old was left by a killed process
 
 # Official download locations, tried in order: <base URL><filename>.
 BASE_URLS = {
@@ -134,22 +143,86 @@ def _verify(path, checksum, name):
         raise DatasetError(f"{path} is corrupt: checksum {digest.hexdigest()} instead of {checksum}")
 
 
+def _temporary_name_pattern(filename):
+    """The names ``cnn_files.atomic_write`` gives its temporary files for `filename`:
+    ``.<filename>.<8 random characters from tempfile>.tmp``."""
+    return re.compile(rf"\.{re.escape(filename)}\.[a-z0-9_]{{8}}\.tmp")
+
+
+def remove_stale_temporaries(target, max_age=STALE_AFTER):
+    """Delete the temporary files a killed download of `target` left next to it.
+
+    A download writes to ``.<name>.<random>.tmp`` and renames it when verified; an
+    interrupted one deletes it, but a killed process cannot. Only files of that
+    exact naming, untouched for `max_age` seconds (a live download writes every
+    few seconds), are removed, so a download running in another process is safe.
+    Returns the paths removed.
+    """
+    folder, pattern, removed = Path(target).parent, _temporary_name_pattern(Path(target).name), []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        try:
+            if pattern.fullmatch(path.name) and time.time() - path.stat().st_mtime > max_age:
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:
+            pass                                  # another process removed it first
+    if removed:
+        warnings.warn(f"removed {len(removed)} temporary file(s) left by an interrupted download of "
+                      f"{Path(target).name}: {', '.join(p.name for p in removed)}")
+    return removed
+
+
+def _describe_failure(exc):
+    """One readable phrase for a failed download attempt (the cause, with its type)."""
+    if isinstance(exc, (DatasetError, urllib.error.HTTPError)):
+        return str(exc)
+    if isinstance(exc, http.client.IncompleteRead):
+        return f"the server closed the connection in the middle of the file ({exc!r})"
+    if isinstance(exc, (http.client.BadStatusLine, http.client.RemoteDisconnected)):
+        answer = str(exc).strip()[:100]           # the garbage line itself: quoted, at most 100 characters
+        return f"the server did not answer with valid HTTP ({type(exc).__name__}: {answer!r})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _content_length(response):
+    """The announced size in bytes for the progress bar, or None (missing or not a number)."""
+    try:
+        return int(response.headers.get("Content-Length") or 0) or None
+    except ValueError:
+        return None
+
+
 def _download(urls, target, checksum, where):
-    """Download the first URL that yields a file with the right checksum to `target`."""
+    """Download the first URL that yields a file with the right checksum to `target`.
+
+    Every transport failure (refused or dropped connection, timeout, HTTP error,
+    garbage or truncated answer, wrong checksum) moves on to the next attempt;
+    the temporary file is deleted each time, so nothing partial is left behind.
+    """
     failures = []
     for url in urls:
         for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
             try:
                 with atomic_write(target, check=lambda tmp: _verify(tmp, checksum, target.name)) as out, \
                         urllib.request.urlopen(url, timeout=TIMEOUT) as response:
-                    size = int(response.headers.get("Content-Length") or 0) or None
+                    size, received = _content_length(response), 0
                     with _progress_bar(total=size, unit="B", unit_scale=True, desc=target.name) as bar:
                         while chunk := response.read(CHUNK):
                             out.write(chunk)
+                            received += len(chunk)
                             bar.update(len(chunk))
+                    # http.client's read(n) returns b"" when the server hangs up early, as if the file
+                    # had ended: say so plainly rather than report a checksum mismatch.
+                    if size is not None and received < size:
+                        raise DatasetError(f"the server closed the connection in the middle of the file "
+                                           f"({received:,} of {size:,} bytes received)")
                 return
-            except (OSError, DatasetError) as exc:   # URLError, HTTPError and timeouts are OSErrors
-                failures.append(f"  {url} (attempt {attempt}): {exc}")
+            # URLError, HTTPError, timeouts and dropped connections are OSErrors; a truncated or
+            # garbled HTTP answer is an http.client.HTTPException; a malformed URL a ValueError.
+            except (OSError, http.client.HTTPException, ValueError, DatasetError) as exc:
+                failures.append(f"  {url} (attempt {attempt}): {_describe_failure(exc)}")
                 if isinstance(exc, urllib.error.HTTPError) and exc.code < 500:
                     break                             # "404 Not Found" will not change on a retry
     if not urls:
@@ -186,6 +259,7 @@ def fetch(dataset, filename, checksum, urls, data_dir=None):
     if mirror:
         urls = [f"{mirror.rstrip('/')}/{dataset}/{filename}"]
     target = Path(data_dir or DATA_DIR) / dataset / filename
+    remove_stale_temporaries(target)
     if target.exists():
         try:
             _verify(target, checksum, filename)

@@ -12,7 +12,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from cnn_core import (DEFAULT_DTYPE, _channel_axes, _pair, avgpool_backward_loop,
+from cnn_core import (DEFAULT_DTYPE, Workspace, _from_rows, _pair, as_rows, avgpool_backward_loop,
                       avgpool_backward_vectorized, avgpool_forward_loop, avgpool_forward_vectorized,
                       batchnorm_backward_loop, batchnorm_backward_vectorized, batchnorm_forward_loop,
                       batchnorm_forward_vectorized, check_input, check_labels, conv2d_backward_loop,
@@ -51,6 +51,14 @@ class Layer:
     def label(self):
         """Short description for tables such as ``Sequential.summary``."""
         return type(self).__name__
+
+    @property
+    def work(self):
+        """The layer's ``cnn_core.Workspace``: scratch arrays its vectorized maths
+        reuse from batch to batch (made on first use, never saved)."""
+        if self.__dict__.get("_work") is None:
+            self._work = Workspace()
+        return self._work
 
     def _cached(self):
         if self._cache is None:
@@ -110,16 +118,21 @@ class ParamLayer(Layer):
         """Extra arguments of the forward function after (x, W, b)."""
         return ()
 
+    uses_workspace = False   # True: the vectorized functions take ``work=`` (a Workspace)
+
+    def _scratch(self):
+        return {"work": self.work} if self.uses_workspace and self.impl == "vectorized" else {}
+
     def forward(self, x, training=True):
         self.check(x)
         out, cache = self.functions[self.impl].forward(x.astype(self.dtype, copy=False), self.params["W"],
-                                                  self.params["b"], *self.hyperparameters())
+                                                  self.params["b"], *self.hyperparameters(), **self._scratch())
         self._cache = cache if training else None
         return out
 
     def backward(self, dout, input_grad=True):
         """Fill ``grads`` and return dx (None when ``input_grad`` is False)."""
-        dx, dW, db = self.functions[self.impl].backward(dout, self._cached(), input_grad)
+        dx, dW, db = self.functions[self.impl].backward(dout, self._cached(), input_grad, **self._scratch())
         self.grads = {"W": dW, "b": db}
         return dx
 
@@ -132,9 +145,10 @@ class Conv2D(ParamLayer):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
                  impl="vectorized", init="he", seed=None, dtype=DEFAULT_DTYPE):
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"Conv2D: {name} must be a positive integer, got {value!r}")
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        if self.in_channels < 1 or self.out_channels < 1:
-            raise ValueError(f"Conv2D channels must be >= 1, got {in_channels}, {out_channels}")
         self.kernel_size = _pair(kernel_size, "kernel_size")
         self.stride, self.padding = _pair(stride, "stride"), _pair(padding, "padding")
         if min(self.kernel_size) < 1 or min(self.stride) < 1:
@@ -150,6 +164,7 @@ class Conv2D(ParamLayer):
 
     functions = {"loop": Maths(conv2d_forward_loop, conv2d_backward_loop),
                  "vectorized": Maths(conv2d_forward_vectorized, conv2d_backward_vectorized)}
+    uses_workspace = True
 
     def hyperparameters(self):
         return self.stride, self.padding
@@ -176,9 +191,10 @@ class Dense(ParamLayer):
 
     def __init__(self, in_features, out_features, impl="vectorized", init="he", seed=None,
                  dtype=DEFAULT_DTYPE):
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"Dense: {name} must be a positive integer, got {value!r}")
         self.in_features, self.out_features = int(in_features), int(out_features)
-        if self.in_features < 1 or self.out_features < 1:
-            raise ValueError(f"Dense sizes must be >= 1, got {in_features}, {out_features}")
         super().__init__((in_features, out_features), in_features, out_features, out_features,
                          impl, init, seed, dtype)
 
@@ -243,12 +259,12 @@ class AvgPool2D(_Pool2D):
 def _as_1d(forward_2d, backward_2d):
     """Turn 2-D conv functions into 1-D ones: (N, C, L) is (N, C, 1, L) and a
     length-k kernel is 1 x k, so the same loop and vectorized code serves both."""
-    def forward(x, W, b, stride, padding):
-        out, cache = forward_2d(x[:, :, None, :], W[:, :, None, :], b, (1, stride), (0, padding))
+    def forward(x, W, b, stride, padding, **scratch):
+        out, cache = forward_2d(x[:, :, None, :], W[:, :, None, :], b, (1, stride), (0, padding), **scratch)
         return out[:, :, 0, :], cache
 
-    def backward(dout, cache, input_grad=True):
-        dx, dW, db = backward_2d(dout[:, :, None, :], cache, input_grad)
+    def backward(dout, cache, input_grad=True, **scratch):
+        dx, dW, db = backward_2d(dout[:, :, None, :], cache, input_grad, **scratch)
         return (None if dx is None else dx[:, :, 0, :]), np.ascontiguousarray(dW[:, :, 0, :]), db
 
     return Maths(forward, backward)
@@ -261,14 +277,17 @@ class Conv1D(ParamLayer):
     out[n, f, i] = b[f] + sum_{c, q} W[f, c, q] * xp[n, c, i*s + q].
     """
     functions = {impl: _as_1d(*maths) for impl, maths in Conv2D.functions.items()}
+    uses_workspace = True
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
                  impl="vectorized", init="he", seed=None, dtype=DEFAULT_DTYPE):
+        for name, value, least in (("in_channels", in_channels, 1), ("out_channels", out_channels, 1),
+                                   ("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+                kind = "a positive integer" if least else "an integer >= 0"
+                raise ValueError(f"Conv1D: {name} must be {kind}, got {value!r}")
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.kernel_size, self.stride, self.padding = int(kernel_size), int(stride), int(padding)
-        if min(self.in_channels, self.out_channels, self.kernel_size, self.stride) < 1 or self.padding < 0:
-            raise ValueError(f"Conv1D: need channels, kernel_size, stride >= 1 and padding >= 0, got "
-                             f"{in_channels}, {out_channels}, {kernel_size}, {stride}, {padding}")
         k = self.kernel_size
         super().__init__((out_channels, in_channels, k), in_channels * k, out_channels * k,
                          out_channels, impl, init, seed, dtype)
@@ -335,6 +354,8 @@ class BatchNorm(Layer):
 
     def __init__(self, num_channels, momentum=0.1, eps=1e-5, impl="vectorized", dtype=DEFAULT_DTYPE):
         super().__init__()
+        if isinstance(num_channels, bool) or not isinstance(num_channels, (int, np.integer)) or num_channels < 1:
+            raise ValueError(f"BatchNorm: num_channels must be a positive integer, got {num_channels!r}")
         self.num_channels, self.momentum, self.eps = int(num_channels), float(momentum), float(eps)
         self.impl = _check_impl(impl)
         self.params = {"gamma": np.ones(num_channels, dtype=dtype), "beta": np.zeros(num_channels, dtype=dtype)}
@@ -351,10 +372,11 @@ class BatchNorm(Layer):
         check_input(x, "BatchNorm", None, self.num_channels)
         x = x.astype(self.params["gamma"].dtype, copy=False)
         gamma, beta = self.params["gamma"], self.params["beta"]
-        if not training:
-            _, shape = _channel_axes(x)
+        if not training:               # y = x * scale + shift per channel, on the (m, C) rows of x
             scale = gamma / np.sqrt(self.buffers["running_var"] + self.eps)
-            return x * scale.reshape(shape) + (beta - self.buffers["running_mean"] * scale).reshape(shape)
+            y = as_rows(x) * scale
+            y += beta - self.buffers["running_mean"] * scale
+            return _from_rows(y, x)
         out, cache = self.functions[self.impl].forward(x, gamma, beta, self.eps)
         mean, var = cache.mean, cache.var
         m = x.size // x.shape[1]
@@ -474,22 +496,37 @@ class Flatten(Layer):
 
 
 class RowsToSequence(Layer):
-    """Images as sequences of rows, for Conv1D: (N, C, H, W) -> (N, W*C, H).
+    """Images as sequences of rows: (N, C, H, W) -> (N, W*C, H) for Conv1D
+    (``layout="NCL"``) or (N, H, W*C) for a recurrent layer (``layout="NTD"``).
 
     Each of the H rows becomes one vector of its W pixels with the channels
     interleaved (``rows_as_sequence``: (N, H, W*C), for CIFAR (N, 32, 96)),
-    handed on channels-first as Conv1D expects. Only a reshuffle: backward
-    puts the gradient back in place.
+    handed on channels-first as Conv1D expects, or time-major per example
+    (T = H steps of D = W*C values) as ``cnn_rnn.GRU`` expects. Only a
+    reshuffle: backward puts the gradient back in place.
     """
+
+    LAYOUTS = ("NCL", "NTD")
+
+    def __init__(self, layout="NCL"):
+        super().__init__()
+        if layout not in self.LAYOUTS:
+            raise ValueError(f"RowsToSequence: layout must be one of {self.LAYOUTS}, got {layout!r}")
+        self.layout = layout
+
+    def config(self):
+        return dict(layout=self.layout)
 
     def forward(self, x, training=True):
         check_input(x, "RowsToSequence", "NCHW")
         self._cache = x.shape if training else None
-        return rows_as_sequence(x).transpose(0, 2, 1)
+        seq = rows_as_sequence(x)
+        return seq if self.layout == "NTD" else seq.transpose(0, 2, 1)
 
     def backward(self, dout):
         N, C, H, W = self._cached()
-        return dout.transpose(0, 2, 1).reshape(N, H, W, C).transpose(0, 3, 1, 2)
+        seq = dout if self.layout == "NTD" else dout.transpose(0, 2, 1)
+        return seq.reshape(N, H, W, C).transpose(0, 3, 1, 2)
 
 
 class Dropout(Layer):

@@ -44,12 +44,17 @@ def classification_report(y_true, y_pred, num_classes=None, class_names=None):
     recall_k    = TP_k / (TP_k + FN_k) = C[k, k] / row sum k
     F1_k        = 2 P R / (P + R)
     A class with no predictions (or no examples) scores 0 instead of dividing by 0.
+    Empty ``y_true`` / ``y_pred`` raise ``ValueError``.
     Returns a dict: ``precision``, ``recall``, ``f1``, ``support`` (arrays of K),
     ``macro`` and ``weighted`` (dicts of P/R/F1), ``accuracy``, ``confusion``
     and ``class_names``.
     """
     if num_classes is None and class_names is not None:
         num_classes = len(class_names)     # a class may be absent from a small sample
+    if np.size(y_true) == 0 and np.size(y_pred) == 0:
+        raise ValueError("classification_report: y_true and y_pred are empty, and precision, recall and F1 "
+                         "of no predictions are undefined; pass at least one label and prediction "
+                         "(is the test set empty?)")
     cm = confusion_matrix(y_true, y_pred, num_classes)
     tp, predicted, support = np.diag(cm), cm.sum(axis=0), cm.sum(axis=1)
     precision, recall = _safe_divide(tp, predicted), _safe_divide(tp, support)

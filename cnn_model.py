@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import zipfile
+import zlib
+from pathlib import Path
 
 import numpy as np
 
@@ -11,6 +13,103 @@ from cnn_core import DEFAULT_DTYPE, softmax
 from cnn_files import save_npz
 from cnn_layers import (LAYER_TYPES, Activation, BatchNorm, Conv1D, Conv2D, Dense, Dropout, Flatten,
                         Layer, LeakyReLU, MaxPool1D, MaxPool2D, ParamLayer, ReLU, _check_impl)
+from cnn_layers import RowsToSequence
+from cnn_rnn import GRU        # also registers GRU in LAYER_TYPES, so saved GRU models load
+
+# ---------------------------------------------------------------------------
+# Input checks shared by predict, fit and evaluate
+# ---------------------------------------------------------------------------
+
+def as_batch_array(x, where, name="x"):
+    """``x`` as a NumPy array (lists and other array-likes go through ``np.asarray``).
+
+    Raises ``TypeError`` naming ``where`` when ``x`` cannot be one regular array
+    (e.g. a list of images of different shapes) or is a single number.
+    """
+    try:
+        array = np.asarray(x)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{where}: {name} must be a NumPy array (or a list np.asarray can turn into one, "
+                        f"all items the same shape), got {type(x).__name__}: {err}") from err
+    if array.ndim == 0:
+        raise TypeError(f"{where}: {name} must be a batch (an array with a first axis), got {x!r}")
+    return array
+
+
+def prepare_batch(x, dtype):
+    """A batch ready for ``forward``: uint8 images (0..255) become ``dtype`` scaled
+    to [0, 1], i.e. ``x.astype(dtype) / 255``; every other array is returned as it
+    is (the layers refuse dtypes that are not floating point, with a clear message).
+
+    Applied batch by batch, so a uint8 dataset never exists in full as floats.
+    """
+    if x.dtype != np.uint8:
+        return x
+    out = x.astype(dtype)
+    out /= 255                      # in place: the same rounding as x.astype(dtype) / 255
+    return out
+
+
+def check_finite(x, where, name="input"):
+    """Raise ``ValueError`` when ``x`` holds NaN or +-inf, saying how many values and
+    examples (``x[n]``) are affected. Scans in chunks of about 2**20 values so no
+    full-size boolean copy of a large dataset is made; integer arrays pass at once."""
+    if not np.issubdtype(x.dtype, np.inexact) or x.size == 0:
+        return
+    rows = max(1, (1 << 20) // max(1, x[0].size))
+    bad_values = bad_examples = 0
+    for i in range(0, len(x), rows):
+        finite = np.isfinite(x[i:i + rows]).reshape(len(x[i:i + rows]), -1)
+        bad_values += finite.size - int(np.count_nonzero(finite))
+        bad_examples += int(np.count_nonzero(~finite.all(axis=1)))
+    if bad_values:
+        raise ValueError(f"{where}: {bad_values} of the {x.size} {name} values are not finite (NaN or inf), "
+                         f"in {bad_examples} of the {len(x)} examples; remove or repair them first "
+                         f"(np.isfinite(x).all(axis=tuple(range(1, x.ndim))) marks the good examples)")
+
+
+def _describe_arrays(arrays, limit=6):
+    """'a (3,) float64, b (2, 2) int64, ...' for an error message about a file's content."""
+    items = [f"{name} {np.shape(value)} {np.asarray(value).dtype}" for name, value in list(arrays.items())[:limit]]
+    more = f", ... ({len(arrays)} arrays in all)" if len(arrays) > limit else ""
+    return ", ".join(items) + more if items else "no arrays at all"
+
+
+class NotAnArchiveError(ValueError):
+    """A readable file that is no ``.npz`` archive (a ``.npy`` array): something else, not damage."""
+
+
+def read_npz(path):
+    """Every array of the ``.npz`` file at ``path``, as a dict.
+
+    Raises ``ValueError`` saying what is wrong with the file (missing, empty,
+    truncated, corrupt), ``NotAnArchiveError`` for a single-array ``.npy`` file;
+    callers add what the file was meant to be and what to do.
+    """
+    try:
+        if Path(path).stat().st_size == 0:
+            problem = "the file is empty (0 bytes)"
+        else:
+            loaded = np.load(path, allow_pickle=False)
+            if not isinstance(loaded, np.ndarray):
+                with loaded as data:
+                    return dict(data)      # reads (and CRC-checks) every array now
+            raise NotAnArchiveError(f"it is a .npy file holding one array of shape {loaded.shape}, "
+                                    f"dtype {loaded.dtype}")
+    except FileNotFoundError:
+        problem = "there is no such file"
+    except NotAnArchiveError:
+        raise
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as err:
+        problem = f"it is truncated, corrupt or not a .npz file ({type(err).__name__}: {err})"
+    raise ValueError(problem)
+
+
+def check_batch_size(batch_size, where):
+    """Raise ``ValueError`` unless ``batch_size`` is a positive integer."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"{where}: batch_size must be a positive integer, got {batch_size!r}")
+
 
 class Sequential:
     """A stack of layers applied in order.
@@ -93,15 +192,26 @@ class Sequential:
 
     def predict_proba(self, x, batch_size=64):
         """Class probabilities (N, K), computed in batches: small batches keep each
-        layer's im2col matrix in cache (64 measured fastest on a 2-core CPU)."""
+        layer's im2col matrix in cache (64 measured fastest on a 2-core CPU).
+
+        x: (N, ...) floats, or uint8 images 0..255 (each batch becomes the model's
+        dtype divided by 255). NaN or inf in x raises ``ValueError``.
+        """
+        x = as_batch_array(x, "predict")
+        check_batch_size(batch_size, "predict")
         if len(x) == 0:
             raise ValueError(f"predict: received an empty batch, shape {np.shape(x)}")
-        return np.concatenate([softmax(self.forward(x[i:i + batch_size], training=False))
+        check_finite(x, "predict")
+        return np.concatenate([softmax(self.forward(prepare_batch(x[i:i + batch_size], self.dtype), training=False))
                                for i in range(0, len(x), batch_size)])
 
     def predict(self, x, batch_size=64):
         """Predicted class indices (N,)."""
         return self.predict_proba(x, batch_size).argmax(axis=1)
+
+    def num_params(self):
+        """Total number of trained parameters (every ``W``, ``b``, ``gamma``, ``beta``)."""
+        return sum(param.size for _, param, _ in self.parameters())
 
     def summary(self, input_shape):
         """A table of each layer's output shape and parameter count.
@@ -154,14 +264,24 @@ class Sequential:
 
     @classmethod
     def load(cls, path):
-        """Rebuild a model written by ``save``."""
+        """Rebuild a model written by ``save``.
+
+        Raises ``ValueError`` naming the file when it cannot be read or holds
+        something else than a model (the message lists what it holds).
+        """
         try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = dict(data)
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-            raise ValueError(f"{path}: not a readable .npz model file ({err}); "
-                             "save the model again") from err
-        return cls.from_arrays(arrays)
+            arrays = read_npz(path)
+        except ValueError as err:
+            raise ValueError(f"{path} is not a readable model file: {err}. Pass a file written by "
+                             "model.save(path), or save the model again if this one was damaged") from err
+        if "architecture" not in arrays:
+            raise ValueError(f"{path} is not a saved Sequential model: it holds {_describe_arrays(arrays)} "
+                             "and no 'architecture' record. Read it with np.load, or pass a file "
+                             "written by model.save(path)")
+        try:
+            return cls.from_arrays(arrays)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
 
 
 def conv_net(in_channels=1, input_size=28, channels=(32, 64), kernel_size=3, convs_per_block=1,
@@ -199,3 +319,39 @@ def mnist_cnn(**overrides):
     ReLU -> pool -> dense 3136->128 -> ReLU -> dropout 0.25 -> dense 128->10
     (``conv_net``'s defaults; keyword arguments override them)."""
     return conv_net(**overrides)
+
+
+def conv_net_for(data, **overrides):
+    """``conv_net`` sized by a dataset: ``in_channels`` and ``input_size`` from
+    ``data.x_train`` (N, C, H, W), ``num_classes`` from ``len(data.class_names)``;
+    so a 200-class 64x64 image folder builds without editing code. Other keyword
+    arguments as in ``conv_net``. Images must be square (load them with ``size=``)."""
+    _, channels, height, width = data.x_train.shape
+    if height != width:
+        raise ValueError(f"conv_net_for: images are {height}x{width}; conv_net needs square images: "
+                         f"load them with size=(s, s)")
+    return conv_net(**{"in_channels": channels, "input_size": height,
+                       "num_classes": len(data.class_names), **overrides})
+
+
+def rows_gru_net(in_channels=1, input_size=28, hidden=128, bidirectional=False, read="last",
+                 dropout=0.0, num_classes=10, impl="vectorized", seed=0, dtype=DEFAULT_DTYPE):
+    """Images read row by row by a GRU (``cnn_rnn``): RowsToSequence(layout="NTD")
+    -> GRU(W*C -> ``hidden``, optionally ``bidirectional``) -> [Dropout] -> Dense to logits.
+
+    ``read="last"``: the classifier sees the last hidden state only (N, H), the
+    classic sequence classifier; ``read="all"``: it sees every step's state,
+    flattened (N, T*H), so no row has to survive the whole recurrence.
+    """
+    if read not in ("last", "all"):
+        raise ValueError(f"rows_gru_net: read must be 'last' or 'all', got {read!r}")
+    directions = 2 if bidirectional else 1
+    steps, features = input_size, input_size * in_channels          # T rows of W*C values
+    layers = [RowsToSequence(layout="NTD"),
+              GRU(features, hidden, return_sequences=(read == "all"), bidirectional=bidirectional,
+                  impl=impl, seed=seed, dtype=dtype)]
+    width = directions * hidden * (steps if read == "all" else 1)
+    layers += [Flatten()] if read == "all" else []
+    layers += [Dropout(dropout)] if dropout else []
+    layers.append(Dense(width, num_classes, impl=impl, dtype=dtype))
+    return Sequential(layers, seed=seed)

@@ -1,5 +1,5 @@
-"""Plots for the NumPy CNN: training curves, metrics, images, filters,
-feature maps, saliency and occlusion maps.
+"""Every figure of the NumPy CNN: training and validation curves, metrics,
+images, filters, feature maps, saliency and occlusion maps.
 
 This is the only module that imports matplotlib and seaborn (the maths
 modules stay NumPy-only). Every ``plot_*`` function returns its matplotlib Figure and,
@@ -30,6 +30,7 @@ import seaborn as sns  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from mpl_toolkits.axes_grid1 import make_axes_locatable  # noqa: E402
 
+from cnn_core import output_size  # noqa: E402
 from cnn_files import save_figure  # noqa: E402
 from cnn_layers import Dropout  # noqa: E402
 
@@ -38,6 +39,10 @@ from cnn_layers import Dropout  # noqa: E402
 STYLE = {**sns.axes_style("whitegrid"), **sns.plotting_context("notebook", font_scale=0.9),
          "axes.titlesize": 10, "figure.titlesize": 12, "image.interpolation": "nearest"}
 
+
+# ---------------------------------------------------------------------------
+# Shared helpers
+# ---------------------------------------------------------------------------
 
 def _styled(fn):
     @functools.wraps(fn)
@@ -85,6 +90,10 @@ def _mosaic(tiles, ncols, fill, pad=1):
     return np.pad(grid, [(0, pad), (0, pad)] + [(0, 0)] * len(rest), constant_values=fill)
 
 
+# ---------------------------------------------------------------------------
+# Training curves and metrics
+# ---------------------------------------------------------------------------
+
 @_styled
 def plot_history(history, path=None):
     """Loss and accuracy per epoch (numbered from 1), train and, if recorded, validation.
@@ -101,9 +110,32 @@ def plot_history(history, path=None):
                 ax.plot(np.arange(1, len(values) + 1), values, style, ms=4,
                         label="train" if split == "train" else "validation")
         ax.set(xlabel="epoch", ylabel=name, title=name)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))   # whole epochs, even one
         if ax.lines:
             ax.legend()
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+@_styled
+def plot_val_curves(curves, title=None, path=None):
+    """Validation accuracy per epoch (numbered from 1) of several runs on one axis.
+
+    curves: {label: list of validation accuracies, one per epoch}, drawn in
+    order; runs may have different numbers of epochs.
+    """
+    curves = {label: np.asarray(values, dtype=float) for label, values in curves.items()}
+    if not curves or not all(values.ndim == 1 and len(values) for values in curves.values()):
+        raise ValueError("plot_val_curves: need at least one run with one value per epoch, got "
+                         f"{ {label: values.shape for label, values in curves.items()} }")
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    for label, values in curves.items():
+        ax.plot(np.arange(1, len(values) + 1), values, "-o", ms=4, label=label)
+    longest = max(len(values) for values in curves.values())
+    ax.set(xlabel="epoch", ylabel="validation accuracy", title=title or "validation accuracy",
+           xlim=(0.5, longest + 0.5))                  # whole epochs on the axis, even for a single one
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return _finish(fig, path)
 
@@ -148,6 +180,10 @@ def plot_per_class(report, path=None):
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
     return _finish(fig, path)
 
+
+# ---------------------------------------------------------------------------
+# Images, filters and feature maps
+# ---------------------------------------------------------------------------
 
 def _image_figure(images, titles, ncols, cmap):
     images = np.asarray(images)
@@ -257,6 +293,10 @@ def plot_feature_maps(activation, title=None, max_maps=32, path=None):
     return _finish(fig, path)
 
 
+# ---------------------------------------------------------------------------
+# What drives a decision: saliency and occlusion
+# ---------------------------------------------------------------------------
+
 def input_gradient(model, x, labels):
     """Saliency: d logit[n, labels[n]] / d x[n] by our own backward pass.
 
@@ -306,7 +346,8 @@ def occlusion_map(model, x, label, patch=4, stride=2, fill=0.0, batch_size=256):
     """Probability of ``label`` while a ``patch`` x ``patch`` square of value ``fill``
     slides with ``stride`` over ONE image x: (C, H, W).
 
-    Returns (OH, OW) with OH = (H - patch) // stride + 1 (likewise OW); entry
+    Returns (OH, OW) with OH = (H - patch) // stride + 1 (likewise OW), the
+    output size of a patch x patch window with this stride and no padding; entry
     (i, j) is the probability with pixels [i*stride : i*stride+patch, j*stride :
     j*stride+patch] occluded. Occluded copies are built and classified
     ``batch_size`` at a time.
@@ -315,7 +356,7 @@ def occlusion_map(model, x, label, patch=4, stride=2, fill=0.0, batch_size=256):
     C, H, W = x.shape
     if not 1 <= patch <= min(H, W) or stride < 1:
         raise ValueError(f"need 1 <= patch <= {min(H, W)} and stride >= 1, got {patch}, {stride}")
-    OH, OW = (H - patch) // stride + 1, (W - patch) // stride + 1
+    OH, OW = output_size(H, patch, stride, 0), output_size(W, patch, stride, 0)
     starts_h, starts_w = np.arange(OH) * stride, np.arange(OW) * stride
     in_row = (np.arange(H) >= starts_h[:, None]) & (np.arange(H) < starts_h[:, None] + patch)    # (OH, H)
     in_col = (np.arange(W) >= starts_w[:, None]) & (np.arange(W) < starts_w[:, None] + patch)    # (OW, W)
@@ -326,3 +367,28 @@ def occlusion_map(model, x, label, patch=4, stride=2, fill=0.0, batch_size=256):
         copies = np.where(mask, np.asarray(fill, dtype=x.dtype), x[None])
         probs[s:s + len(i)] = model.predict_proba(copies, batch_size)[:, label]
     return probs.reshape(OH, OW)
+
+
+@_styled
+def plot_occlusion(x, heatmaps, titles=None, path=None):
+    """Each image of x: (N, C, H, W) beside its occlusion map, one shared colour
+    bar for the probability of the true class (0 to 1).
+
+    heatmaps: N arrays (OH, OW), e.g. from ``occlusion_map``; ``titles`` an
+    optional list of N strings for the images.
+    """
+    x = np.asarray(x)
+    if x.ndim != 4 or len(x) == 0 or len(heatmaps) != len(x):
+        raise ValueError(f"plot_occlusion: need N images (N, C, H, W) and N heat maps, got images "
+                         f"{x.shape} and {len(heatmaps)} maps")
+    fig, axes = plt.subplots(1, 2 * len(x), figsize=(4 * len(x), 2.4), squeeze=False)
+    axes = axes[0]
+    for k, (image, heat) in enumerate(zip(x, heatmaps)):
+        axes[2 * k].imshow(_to_display(image), cmap="gray", vmin=0, vmax=1)
+        axes[2 * k].set_title(titles[k] if titles is not None else f"image {k}")
+        shown = axes[2 * k + 1].imshow(np.asarray(heat), cmap="magma", vmin=0, vmax=1)
+        axes[2 * k + 1].set_title("P(true class) occluded")
+    for ax in axes:
+        ax.axis("off")
+    fig.colorbar(shown, ax=list(axes), shrink=0.8)
+    return _finish(fig, path)

@@ -4,18 +4,50 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from cnn_core import _pad
+from cnn_core import _pad, check_labels
 from cnn_files import save_npz
 from cnn_layers import Dropout, SoftmaxCrossEntropy
-from cnn_model import Sequential
+from cnn_model import (NotAnArchiveError, Sequential, _describe_arrays, as_batch_array, check_batch_size,
+                       check_finite, prepare_batch, read_npz)
+
+# ---------------------------------------------------------------------------
+# Argument checks: a bad hyperparameter fails at construction, not as NaN weights later
+# ---------------------------------------------------------------------------
+
+def _check_number(where, name, value, minimum=0.0, strict=True, below=None):
+    """``float(value)`` if it is a finite real number > ``minimum`` (>= when not
+    ``strict``) and < ``below`` (when given); otherwise ``ValueError`` naming it."""
+    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+          and (value > minimum if strict else value >= minimum) and (below is None or value < below))
+    if not ok:
+        if below is not None:
+            rule = f"a number in {'(' if strict else '['}{minimum:g}, {below:g})"
+        else:
+            rule = f"a finite number {'>' if strict else '>='} {minimum:g}"
+        raise ValueError(f"{where}: {name} must be {rule}, got {value!r}")
+    return float(value)
+
+
+def _check_positive_int(where, name, value):
+    """``int(value)`` if it is an integer >= 1 (not a float, not a bool); otherwise ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{where}: {name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+# ---------------------------------------------------------------------------
+# Optimisers
+# ---------------------------------------------------------------------------
 
 class Optimizer:
     """Updates parameters in place from ``model.parameters()``.
@@ -25,9 +57,9 @@ class Optimizer:
     """
 
     def __init__(self, lr, weight_decay=0.0):
-        if lr <= 0 or weight_decay < 0:
-            raise ValueError(f"need lr > 0 and weight_decay >= 0, got {lr}, {weight_decay}")
-        self.lr, self.weight_decay = float(lr), float(weight_decay)
+        where = type(self).__name__
+        self.lr = _check_number(where, "lr", lr)
+        self.weight_decay = _check_number(where, "weight_decay", weight_decay, strict=False)
         self.state = {}            # per-parameter buffers, keyed like model.parameters()
         self.steps = 0
 
@@ -37,6 +69,10 @@ class Optimizer:
             if grad is None:
                 raise RuntimeError(f"{type(self).__name__}: no gradient for {key}; call backward() first")
             self.update(key, param, grad, decay=self.weight_decay if key.endswith(".W") else 0.0)
+
+    def buffer_names(self):
+        """Names of the per-parameter buffers this optimiser keeps in ``state``."""
+        return ()
 
     def state_arrays(self):
         arrays = {f"opt.{name}.{key}": buf for name, bufs in self.state.items() for key, buf in bufs.items()}
@@ -66,11 +102,13 @@ class SGD(Optimizer):
 
     def __init__(self, lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0):
         super().__init__(lr, weight_decay)
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.momentum = _check_number("SGD", "momentum", momentum, strict=False, below=1)
         if nesterov and momentum == 0:
-            raise ValueError("Nesterov momentum needs momentum > 0")
-        self.momentum, self.nesterov = float(momentum), bool(nesterov)
+            raise ValueError("SGD: Nesterov momentum needs momentum > 0")
+        self.nesterov = bool(nesterov)
+
+    def buffer_names(self):
+        return ("velocity",) if self.momentum else ()
 
     def update(self, key, param, grad, decay):
         g = grad + decay * param if decay else grad
@@ -92,7 +130,12 @@ class Adam(Optimizer):
 
     def __init__(self, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
         super().__init__(lr, weight_decay)
-        self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
+        self.beta1 = _check_number("Adam", "beta1", beta1, strict=False, below=1)
+        self.beta2 = _check_number("Adam", "beta2", beta2, strict=False, below=1)
+        self.eps = _check_number("Adam", "eps", eps)
+
+    def buffer_names(self):
+        return ("m", "v")
 
     def update(self, key, param, grad, decay):
         m, v = self._buffer("m", key, param), self._buffer("v", key, param)
@@ -107,25 +150,79 @@ class Adam(Optimizer):
         param -= self.lr * m_hat_scale * m / (np.sqrt(v * v_hat_scale) + self.eps)
 
 
+# ---------------------------------------------------------------------------
+# Learning-rate schedules and gradient clipping
+# ---------------------------------------------------------------------------
+
 def step_schedule(lr, step_size, gamma=0.1):
     """Learning rate for epoch e (0-based): lr * gamma ** (e // step_size)."""
+    lr = _check_number("step_schedule", "lr", lr)
+    step_size = _check_positive_int("step_schedule", "step_size", step_size)
+    gamma = _check_number("step_schedule", "gamma", gamma)
     return lambda epoch: lr * gamma ** (epoch // step_size)
 
 
 def cosine_schedule(lr, epochs, lr_min=0.0):
     """Learning rate for epoch e: lr_min + (lr - lr_min) * (1 + cos(pi * e / epochs)) / 2."""
+    lr = _check_number("cosine_schedule", "lr", lr)
+    epochs = _check_positive_int("cosine_schedule", "epochs", epochs)
+    lr_min = _check_number("cosine_schedule", "lr_min", lr_min, strict=False)
     return lambda epoch: lr_min + (lr - lr_min) * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
 
 
+def clip_gradients(model, clip_norm):
+    """Clip by global norm: scale every gradient of ``model`` in place by
+    min(1, clip_norm / ||g||), where ||g|| = sqrt(sum over all parameters of
+    sum(grad ** 2)), so the update keeps its direction but its gradient norm is
+    at most ``clip_norm``. Call between ``backward`` and ``optimizer.step``.
+
+    Returns ||g|| before clipping. Raises ``FloatingPointError`` when a gradient
+    is NaN or infinite (no scaling can repair it).
+    """
+    clip_norm = _check_number("clip_gradients", "clip_norm", clip_norm)
+    grads = [grad for _, _, grad in model.parameters() if grad is not None]
+    # float64 sums: a float32 sum of squares overflows for gradients near 1e19
+    norm = math.sqrt(sum(float(np.vdot(g64, g64)) for g64 in (g.astype(np.float64) for g in grads)))
+    if not math.isfinite(norm):
+        raise FloatingPointError(f"the gradient norm is {norm}: some gradient is NaN or infinite")
+    if norm > clip_norm:
+        for grad in grads:
+            grad *= clip_norm / norm
+    return norm
+
+
+# ---------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------
+
 def evaluate(model, x, y, batch_size=64):
-    """Mean cross-entropy and accuracy of ``model`` on (x, y), in batches."""
-    loss_fn, total_loss, correct = SoftmaxCrossEntropy(), 0.0, 0
+    """Mean cross-entropy and accuracy of ``model`` on (x, y), in batches.
+
+    x: (N, ...) floats or uint8 images 0..255 (scaled batch by batch, as in
+    ``fit``); y: (N,) integer labels. NaN or inf in x raises ``ValueError``.
+    """
+    x, y = as_batch_array(x, "evaluate"), as_batch_array(y, "evaluate", "y")
+    check_batch_size(batch_size, "evaluate")
+    if len(x) == 0 or len(x) != len(y):
+        raise ValueError(f"evaluate: need as many labels as inputs and at least one, got x {x.shape}, y {y.shape}")
+    check_finite(x, "evaluate")
+    return _evaluate(model, x, y, batch_size)
+
+
+def _evaluate(model, x, y, batch_size):
+    """``evaluate`` without the argument checks (``fit`` makes them once, before training)."""
+    loss_fn, total_loss, correct, dtype = SoftmaxCrossEntropy(), 0.0, 0, model.dtype
     for i in range(0, len(x), batch_size):
-        logits = model.forward(x[i:i + batch_size], training=False)
+        logits = model.forward(prepare_batch(x[i:i + batch_size], dtype), training=False)
         yb = y[i:i + batch_size]
         total_loss += loss_fn.forward(logits, yb) * len(yb)
         correct += int((logits.argmax(axis=1) == yb).sum())
     return total_loss / len(x), correct / len(x)
+
+
+# ---------------------------------------------------------------------------
+# Augmentation
+# ---------------------------------------------------------------------------
 
 
 def random_crop(x, rng, padding):
@@ -155,6 +252,10 @@ def augmentation(crop=0, flip=False):
         return random_flip(x, rng) if flip else x
     return augment
 
+
+# ---------------------------------------------------------------------------
+# Training loop, checkpoints
+# ---------------------------------------------------------------------------
 
 @dataclass
 class History:
@@ -191,6 +292,18 @@ class TextProgress:
         print("\r" + " " * len(line) + "\r", end="", file=sys.stdout, flush=True)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint cannot be resumed; the message names the file and what to do."""
+
+
+def _checkpoint_error(path, problem, foreign=False):
+    """A damaged checkpoint may be deleted; a file that is something else (``foreign``) is not ours to delete."""
+    remedy = ("Pass fit a checkpoint path of its own (fit creates the file); delete this one only if "
+              "you no longer need it" if foreign else "Delete it to start training over, or pass another "
+              "checkpoint path")
+    return CheckpointError(f"checkpoint {path} cannot be resumed: {problem}. {remedy}")
+
+
 def _checkpoint_arrays(model, optimizer, history, epoch, rng):
     arrays = model.state_arrays()
     arrays.update(optimizer.state_arrays())
@@ -198,54 +311,167 @@ def _checkpoint_arrays(model, optimizer, history, epoch, rng):
                     for i, layer in enumerate(model.layers) if isinstance(layer, Dropout)}
     arrays["training"] = np.array(json.dumps({
         "epoch": epoch, "history": history.as_dict(), "rng": rng.bit_generator.state,
-        "dropout_rngs": dropout_rngs}))
+        "dropout_rngs": dropout_rngs, "optimizer": type(optimizer).__name__}))
     return arrays
 
 
+def _optimizer_buffers(arrays):
+    """Buffer names ("m", "velocity", ...) of the optimiser state held in checkpoint ``arrays``."""
+    return {name.split(".")[1] for name in arrays if name.startswith("opt.") and name != "opt.steps"}
+
+
 def _restore_checkpoint(path, model, optimizer, rng):
-    with np.load(path, allow_pickle=False) as data:
-        arrays = dict(data)
-    saved = Sequential.from_arrays(arrays)
+    """Load a checkpoint written by ``fit`` into model, optimiser and generators.
+
+    Everything is checked before anything is changed; every problem raises
+    ``CheckpointError`` naming the file and the way out.
+    """
+    try:
+        arrays = read_npz(path)
+    except ValueError as err:
+        raise _checkpoint_error(path, err, foreign=isinstance(err, NotAnArchiveError)) from None
+    if "training" not in arrays or "opt.steps" not in arrays:
+        if "architecture" in arrays:
+            raise _checkpoint_error(path, "it is a saved model (model.save), not a training checkpoint: it has "
+                                          "no optimiser or training state. To train on from its weights, build "
+                                          "the model with Sequential.load(path)", foreign=True)
+        raise _checkpoint_error(path, f"it is not a training checkpoint: it holds {_describe_arrays(arrays)}",
+                                foreign=True)
+    try:
+        training = json.loads(str(arrays["training"]))
+        epoch, history = int(training["epoch"]), History(**training["history"])
+        np.random.default_rng().bit_generator.state = training["rng"]       # a valid generator state?
+        dropout_rngs = {int(index): state for index, state in training["dropout_rngs"].items()}
+        saved = Sequential.from_arrays(arrays)
+        int(arrays["opt.steps"])
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise _checkpoint_error(path, f"its training record is damaged ({type(err).__name__}: {err})") from err
     if [repr(layer) for layer in saved.layers] != [repr(layer) for layer in model.layers]:
-        raise ValueError(f"checkpoint {path} holds a different architecture; "
-                         "delete it or pass a new checkpoint path")
+        raise CheckpointError(f"checkpoint {path} holds a different architecture; "
+                              "delete it or pass a new checkpoint path")
+    for key, param, _ in saved.parameters():
+        if not np.isfinite(param).all():
+            raise _checkpoint_error(path, f"its parameter {key} is not finite (written by a diverged run)")
+    buffers, name = _optimizer_buffers(arrays), type(optimizer).__name__
+    # Checkpoints before the optimiser's name was recorded: Adam is the one with "m" and "v".
+    written_with = training.get("optimizer") or ("Adam" if buffers & {"m", "v"} else "SGD")
+    if written_with != name or not buffers <= set(optimizer.buffer_names()):
+        def state(names):
+            return f"state: {', '.join(sorted(names))}" if names else "no state"
+        raise _checkpoint_error(path, f"it was written by {written_with} ({state(buffers)}), but fit was given "
+                                      f"{name} ({state(optimizer.buffer_names())}); resuming would drop the "
+                                      "optimiser state or misread it. Resume with the same optimiser and settings")
     for layer, saved_layer in zip(model.layers, saved.layers):
         layer.params, layer.buffers = saved_layer.params, saved_layer.buffers
     optimizer.load_state_arrays(arrays)
-    training = json.loads(str(arrays["training"]))
     rng.bit_generator.state = training["rng"]
-    for index, state in training["dropout_rngs"].items():
-        model.layers[int(index)].rng.bit_generator.state = state
-    return training["epoch"], History(**training["history"])
+    for index, state in dropout_rngs.items():
+        model.layers[index].rng.bit_generator.state = state
+    return epoch, history
+
+
+def _check_fit_arguments(model, x, y, optimizer, epochs, batch_size, validation, schedule, clip_norm):
+    """Every check ``fit`` can make before training, so bad arguments fail in
+    milliseconds rather than after an epoch. Returns x, y, validation as arrays
+    (validation None when it is empty) and the learning rate of every epoch
+    (None without a schedule)."""
+    if isinstance(optimizer, type) or not hasattr(optimizer, "step"):
+        raise TypeError(f"fit: optimizer must be an optimiser object such as T.Adam(1e-3), got {optimizer!r}")
+    epochs = _check_positive_int("fit", "epochs", epochs)
+    check_batch_size(batch_size, "fit")
+    if clip_norm is not None:
+        _check_number("fit", "clip_norm", clip_norm)
+    x, y = as_batch_array(x, "fit"), as_batch_array(y, "fit", "y")
+    if len(x) == 0 or len(x) != len(y):
+        raise ValueError(f"fit: need as many labels as inputs and at least one, got x {np.shape(x)}, y {np.shape(y)}")
+    # One example through the network: a wrong shape or dtype fails now, with the layer's message,
+    # and the output tells the number of classes the labels must fit.
+    num_classes = model.forward(prepare_batch(x[:1], model.dtype), training=False).shape[-1]
+    check_labels(y, len(y), num_classes, "fit: y")
+    check_finite(x, "fit")
+    if validation is not None:
+        if not isinstance(validation, (tuple, list)) or len(validation) != 2:
+            raise TypeError(f"fit: validation must be a pair (x_val, y_val) or None, got {type(validation).__name__}")
+        x_val = as_batch_array(validation[0], "fit", "validation x")
+        y_val = as_batch_array(validation[1], "fit", "validation y")
+        if len(x_val) == 0 and len(y_val) == 0:
+            warnings.warn("fit: the validation set is empty (0 examples), so this run is not validated and "
+                          "history.val_loss / val_acc stay empty. Pass validation=None to say so, or split "
+                          "off a validation set (e.g. validation_size=5000 when loading the data)", stacklevel=3)
+            validation = None
+        else:
+            if len(x_val) != len(y_val):
+                raise ValueError(f"fit: the validation set has {len(x_val)} inputs but {len(y_val)} labels")
+            if x_val.shape[1:] != x.shape[1:]:
+                raise ValueError(f"fit: validation examples have shape {x_val.shape[1:]} but training examples "
+                                 f"{x.shape[1:]}; both must come from the same dataset")
+            model.forward(prepare_batch(x_val[:1], model.dtype), training=False)     # its dtype
+            check_labels(y_val, len(y_val), num_classes, "fit: validation y")
+            check_finite(x_val, "fit", "validation input")
+            validation = (x_val, y_val)
+    lrs = None
+    if schedule is not None:
+        lrs = [schedule(epoch) for epoch in range(epochs)]
+        for epoch, lr in enumerate(lrs):
+            _check_number("fit", f"schedule({epoch}) (the learning rate of epoch {epoch + 1})", lr)
+    return x, y, validation, lrs
+
+
+def _first_nonfinite(model, kind="params"):
+    """Key ('layer_index.name') of the first parameter (or buffer) that holds NaN or inf, else None."""
+    for i, layer in enumerate(model.layers):
+        for name, array in getattr(layer, kind).items():
+            if not np.isfinite(array).all():
+                return f"{i}.{name}"
+    return None
+
+
+def _diverged(problem, epoch, batch, optimizer, checkpoint, saved_epoch):
+    """The FloatingPointError ``fit`` raises when training stops being finite."""
+    message = (f"training diverged: {problem} at epoch {epoch + 1}, batch {batch + 1} (learning rate "
+               f"{optimizer.lr:g}); lower the learning rate (try 10x smaller), clip gradients with "
+               f"fit(..., clip_norm=1.0), or check the input scaling")
+    if checkpoint is not None:
+        message += (f". The checkpoint {checkpoint} was not touched: it still holds epoch {saved_epoch}"
+                    if saved_epoch else f". No checkpoint was written to {checkpoint}")
+    return FloatingPointError(message)
 
 
 def fit(model, x, y, optimizer, epochs, batch_size=64, validation=None, schedule=None,
-        augment=None, seed=0, checkpoint=None, progress=True, log=print):
+        augment=None, seed=0, checkpoint=None, progress=True, log=print, clip_norm=None):
     """Train ``model`` with mini-batch gradient descent on softmax cross-entropy.
 
-    x: (N, ...) float inputs, y: (N,) int labels; ``validation`` an optional
-    (x_val, y_val) pair evaluated after every epoch; ``schedule(epoch) -> lr``;
-    ``augment(x_batch, rng) -> x_batch`` applied to each training batch.
+    x: (N, ...) float inputs, or uint8 images 0..255 (each batch becomes the
+    model's dtype divided by 255, so no float copy of the dataset is made);
+    y: (N,) int labels; ``validation`` an optional (x_val, y_val) pair evaluated
+    after every epoch (an empty one is skipped with a warning);
+    ``schedule(epoch) -> lr``; ``augment(x_batch, rng) -> x_batch`` applied to
+    each training batch; ``clip_norm``: clip the gradients to this global norm
+    before each step (``clip_gradients``).
     ``progress``: True for a text progress bar, False for none, or a tqdm-like
     wrapper such as ``tqdm.auto.tqdm``; ``log(message)`` receives one line per
     epoch (``None`` to stay silent).
     With ``checkpoint`` (a path), the model, optimiser state, random states and
     history are written atomically after every epoch, and a run started with an
     existing checkpoint resumes from it: the result equals an uninterrupted run.
-    Raises ``FloatingPointError`` as soon as the loss stops being finite.
+    Every argument is checked before training (``ValueError``/``TypeError``);
+    a checkpoint that cannot be resumed raises ``CheckpointError``.
+    Raises ``FloatingPointError`` as soon as the loss or a weight stops being
+    finite, before that epoch's checkpoint would be written.
     Returns a ``History``.
     """
-    if len(x) == 0 or len(x) != len(y):
-        raise ValueError(f"fit: need as many labels as inputs and at least one, got x {np.shape(x)}, y {np.shape(y)}")
+    x, y, validation, lrs = _check_fit_arguments(model, x, y, optimizer, epochs, batch_size, validation,
+                                                 schedule, clip_norm)
     log = log or (lambda message: None)
-    loss_fn, rng = SoftmaxCrossEntropy(), np.random.default_rng(seed)
+    loss_fn, rng, dtype = SoftmaxCrossEntropy(), np.random.default_rng(seed), model.dtype
     history, start = History(), 0
     if checkpoint is not None and os.path.exists(checkpoint):
         start, history = _restore_checkpoint(checkpoint, model, optimizer, rng)
         log(f"resumed from {checkpoint} after epoch {start}")
+    saved_epoch = start
     for epoch in range(start, epochs):
-        if schedule is not None:
-            optimizer.lr = schedule(epoch)
+        if lrs is not None:
+            optimizer.lr = lrs[epoch]
         began, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
         order = rng.permutation(len(x))
         batches = range(0, len(x), batch_size)
@@ -254,33 +480,47 @@ def fit(model, x, y, optimizer, epochs, batch_size=64, validation=None, schedule
             batches = wrapper(batches, desc=f"epoch {epoch + 1}/{epochs}", leave=False)
         for b, i in enumerate(batches):
             index = order[i:i + batch_size]
-            xb, yb = x[index], y[index]
+            xb, yb = prepare_batch(x[index], dtype), y[index]
             if augment is not None:
                 xb = augment(xb, rng)
             logits = model.forward(xb, training=True)
             loss = loss_fn.forward(logits, yb)
             if not math.isfinite(loss):
-                raise FloatingPointError(
-                    f"training diverged: the loss became {loss} at epoch {epoch + 1}, batch {b + 1} "
-                    f"(learning rate {optimizer.lr:g}); lower the learning rate or check the input scaling")
+                raise _diverged(f"the loss became {loss}", epoch, b, optimizer, checkpoint, saved_epoch)
             model.backward(loss_fn.backward(), input_grad=False)
+            if clip_norm is not None:
+                try:
+                    clip_gradients(model, clip_norm)
+                except FloatingPointError as err:
+                    raise _diverged(str(err), epoch, b, optimizer, checkpoint, saved_epoch) from None
             optimizer.step(model)
+            # A finite loss can still take a step to inf: check the weights (0.2 ms for
+            # the default network) so that no NaN weight is ever trained on or saved.
+            bad = _first_nonfinite(model)
+            if bad is not None:
+                raise _diverged(f"parameter {bad} became NaN or infinite in the update", epoch, b,
+                                optimizer, checkpoint, saved_epoch)
             seen += len(index)
             loss_sum += loss * len(index)
             correct += int((logits.argmax(axis=1) == yb).sum())
             if progress and b % 20 == 0:
                 batches.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
+        bad = _first_nonfinite(model, "buffers")
+        if bad is not None:
+            raise _diverged(f"buffer {bad} (running statistics) became NaN or infinite", epoch, b,
+                            optimizer, checkpoint, saved_epoch)
         history.seconds.append(time.perf_counter() - began)
         history.train_loss.append(loss_sum / seen)
         history.train_acc.append(correct / seen)
         history.lr.append(optimizer.lr)
         message = (f"epoch {epoch + 1}/{epochs}: loss {loss_sum / seen:.4f}, acc {correct / seen:.4f}")
         if validation is not None:
-            val_loss, val_acc = evaluate(model, *validation)
+            val_loss, val_acc = _evaluate(model, *validation, batch_size=64)
             history.val_loss.append(val_loss)
             history.val_acc.append(val_acc)
             message += f", val_loss {val_loss:.4f}, val_acc {val_acc:.4f}"
         log(message + f" ({history.seconds[-1]:.1f} s)")
         if checkpoint is not None:
             save_npz(checkpoint, _checkpoint_arrays(model, optimizer, history, epoch + 1, rng))
+            saved_epoch = epoch + 1
     return history

@@ -81,48 +81,6 @@ def fake_mnist(tmp_path, monkeypatch):
     return mirror
 
 
-def png_bytes(color, size=(4, 4)):
-    from PIL import Image
-    buffer = io.BytesIO()
-    Image.new("RGB", (size[1], size[0]), color).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-COLORS = {"cat": (255, 0, 0), "dog": (0, 0, 255)}
-
-
-def image_layout(sizes=None):
-    """{member name: PNG bytes}: 3 train and 1 test image per class, coloured by class."""
-    files = {}
-    for label, color in COLORS.items():
-        for i in range(3):
-            files[f"train/{label}/{i}.png"] = png_bytes(color, (sizes or {}).get(f"train/{label}/{i}.png", (4, 4)))
-        files[f"test/{label}/0.png"] = png_bytes(color)
-    return files
-
-
-def as_folder(root, files):
-    for name, data in files.items():
-        write(root / name, data)
-    return root
-
-
-def as_zip(path, files):
-    with zipfile.ZipFile(path, "w") as archive:
-        for name, data in files.items():
-            archive.writestr(name, data)
-    return path
-
-
-def as_tar_gz(path, files, top="wrapped"):
-    with tarfile.open(path, "w:gz") as archive:
-        for name, data in files.items():
-            info = tarfile.TarInfo(f"{top}/{name}")
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return path
-
-
 # ---------------------------------------------------------------- IDX parsing
 
 def test_read_idx_hand_written_labels_and_images(tmp_path):
@@ -349,72 +307,6 @@ def test_cifar10_archive_without_a_batch_is_rejected(tmp_path, monkeypatch):
     assert "cifar-10-python.tar.gz" in str(info.value)
 
 
-# ---------------------------------------------------------------- folders of images
-
-@pytest.mark.parametrize("kind", ["folder", "zip", "tar.gz"])
-def test_image_folder_from_folder_zip_and_tar_gz(tmp_path, kind):
-    files = image_layout()
-    source = {"folder": lambda: as_folder(tmp_path / "pets", files),
-              "zip": lambda: as_zip(tmp_path / "pets.zip", files),
-              "tar.gz": lambda: as_tar_gz(tmp_path / "pets.tar.gz", files)}[kind]()
-    ds = I.load_image_folder(source, normalize=None)
-    assert ds.class_names == ("cat", "dog")
-    assert ds.x_train.shape == (6, 3, 4, 4) and ds.x_test.shape == (2, 3, 4, 4) and ds.x_train.dtype == np.uint8
-    assert ds.y_train.tolist() == [0, 0, 0, 1, 1, 1] and ds.y_test.tolist() == [0, 1]
-    assert ds.x_train[0, :, 0, 0].tolist() == [255, 0, 0] and ds.x_test[1, :, 2, 3].tolist() == [0, 0, 255]
-    assert len(list((tmp_path / "cache" / "image-folder-cache").glob("pets-*.npz"))) == 1
-
-
-def test_image_folder_resize_and_mixed_sizes(tmp_path):
-    source = as_folder(tmp_path / "mixed", image_layout(sizes={"train/dog/2.png": (6, 5)}))
-    with pytest.raises(DatasetError, match="size=") as info:
-        I.load_image_folder(source)
-    assert "train/dog/2.png" in str(info.value)
-    ds = I.load_image_folder(source, size=(8, 6), validation_size=2)
-    assert ds.x_train.shape == (4, 3, 8, 6) and ds.x_val.shape == (2, 3, 8, 6) and ds.x_test.shape == (2, 3, 8, 6)
-    assert ds.x_train.dtype == np.float32 and ds.x_train.max() == 1.0
-
-
-def test_image_folder_second_load_comes_from_the_cache(tmp_path, monkeypatch):
-    source = as_zip(tmp_path / "pets.zip", image_layout())
-    first = I.load_image_folder(source)
-
-    def no_decoding(*args):
-        raise AssertionError("decoded although the cache should have been used")
-    monkeypatch.setattr(I, "_decode_image", no_decoding)
-    second = I.load_image_folder(source)
-    assert np.array_equal(first.x_train, second.x_train) and first.class_names == second.class_names
-    with pytest.raises(AssertionError, match="decoded"):               # another size: not in the cache
-        I.load_image_folder(source, size=(2, 2))
-    assert not [p for p in (tmp_path / "cache" / "image-folder-cache").iterdir() if p.suffix != ".npz"]
-
-
-@pytest.mark.parametrize("change, message", [
-    (lambda root: (root / "train/dog/0.png").write_bytes(b"not a png"), "train/dog/0.png"),
-    (lambda root: [(root / "train/bird").mkdir(), write(root / "test/bird/0.png", png_bytes((0, 9, 0)))],
-     "train/bird has no images"),                                                     # empty class folder
-    (lambda root: write(root / "test/bird/0.png", png_bytes((0, 255, 0))), "bird"),  # class only in test
-    (lambda root: [p.unlink() for p in (root / "test").rglob("*.png")], "test/"),    # test classes empty
-])
-def test_image_folder_errors_name_the_file_or_class(tmp_path, change, message):
-    root = as_folder(tmp_path / "pets", image_layout())
-    change(root)
-    with pytest.raises(DatasetError, match=message):
-        I.load_image_folder(root, cache=False)
-
-
-def test_image_folder_missing_split_missing_path_and_truncated_archive(tmp_path):
-    files = {name: data for name, data in image_layout().items() if name.startswith("train/")}
-    with pytest.raises(DatasetError, match="test/"):
-        I.load_image_folder(as_zip(tmp_path / "no-test.zip", files))
-    with pytest.raises(DatasetError, match="does not exist"):
-        I.load_image_folder(tmp_path / "nowhere")
-    data = as_tar_gz(tmp_path / "pets.tar.gz", image_layout()).read_bytes()
-    cut = write(tmp_path / "cut.tar.gz", data[: len(data) - 200])
-    with pytest.raises(DatasetError, match="cut.tar.gz"):
-        I.load_image_folder(cut)
-
-
 # ---------------------------------------------------------------- the real files, when a mirror is here
 
 needs_mirror = pytest.mark.skipif(not (REAL_MIRROR / "mnist").is_dir(),
@@ -440,3 +332,88 @@ def test_real_fashion_mnist_and_cifar10_jpeg_archive(monkeypatch):
     # Only verify the CIFAR-10 JPEG archive: decoding its 60,000 images is too slow for a test.
     assert D.fetch("cifar10-jpeg", "cifar10-jpeg.tar.gz", D.CHECKSUMS["cifar10-jpeg"]
                           ["cifar10-jpeg.tar.gz"], ()).is_file()
+
+
+# ---------------------------------------------------------------- broken servers, leftover temporary files
+
+class BrokenHandler(http.server.BaseHTTPRequestHandler):
+    """Answers every GET as the server's `mode` says: "truncated" announces 100,000 bytes and
+    closes after 1,000; "chunked" sends one chunk and closes before the last (IncompleteRead);
+    "garbage" is no HTTP at all (BadStatusLine); "silent" closes without a word
+    (RemoteDisconnected); "good" sends `server.payload`."""
+
+    def do_GET(self):
+        mode, self.close_connection = self.server.mode, True
+        if mode == "chunked":
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"3e8\r\n" + b"x" * 1000 + b"\r\n")
+        elif mode == "garbage":
+            self.wfile.write(b"HELLO THIS IS NOT HTTP\r\n\r\n")
+        elif mode in ("truncated", "good"):
+            body = self.server.payload if mode == "good" else b"x" * 1000
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body) if mode == "good" else 100_000))
+            self.end_headers()
+            self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def serve(monkeypatch):
+    """serve(mode, payload) -> base URL of a server on 127.0.0.1 (stopped after the test)."""
+    monkeypatch.setattr(D, "TIMEOUT", 5)
+    servers = []
+
+    def start(mode, payload=b""):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), BrokenHandler)
+        server.mode, server.payload = mode, payload
+        threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}/"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("mode,cause", [
+    ("truncated", r"closed the connection in the middle of the file \(1,000 of 100,000 bytes received\)"),
+    ("chunked", r"closed the connection in the middle of the file \(IncompleteRead\(1000 bytes read"),
+    ("garbage", "did not answer with valid HTTP \\(BadStatusLine"),
+    ("silent", "did not answer with valid HTTP \\(RemoteDisconnected"),
+])
+def test_a_broken_server_gives_a_dataset_error_naming_url_cause_and_mirror(tmp_path, serve, mode, cause):
+    url = serve(mode) + "toy/a.bin"
+    with pytest.raises(DatasetError, match=cause) as info:
+        D.fetch("toy", "a.bin", sha256(b"payload"), [url])
+    message = str(info.value)
+    assert f"{url} (attempt 1)" in message and f"{url} (attempt 2)" in message
+    assert "could not download toy/a.bin" in message and "Set CNN_DATA_MIRROR=" in message
+    assert os.listdir(tmp_path / "cache" / "toy") == []        # no partial or temporary file left
+
+
+def test_a_broken_server_moves_on_to_the_next_source(tmp_path, serve):
+    urls = [serve(mode) + "a.bin" for mode in ("truncated", "chunked", "garbage", "silent")]
+    urls.append(serve("good", b"payload") + "a.bin")
+    path = D.fetch("toy", "a.bin", sha256(b"payload"), urls)
+    assert path.read_bytes() == b"payload" and os.listdir(path.parent) == ["a.bin"]
+
+
+def test_temporary_files_left_by_a_killed_download_are_cleared_on_the_next_run(tmp_path, monkeypatch):
+    folder = tmp_path / "cache" / "toy"
+    stale, live = write(folder / ".a.bin.k3x_9q0z.tmp", b"half"), write(folder / ".a.bin.abcd1234.tmp", b"live")
+    others = [write(folder / ".b.bin.k3x_9q0z.tmp", b"other file"), write(folder / "notes.tmp", b"not ours")]
+    hour_ago = stale.stat().st_mtime - D.STALE_AFTER - 60
+    for path in (stale, *others):
+        os.utime(path, (hour_ago, hour_ago))
+    write(tmp_path / "m" / "toy" / "a.bin", b"payload")
+    monkeypatch.setenv("CNN_DATA_MIRROR", (tmp_path / "m").as_uri())
+    with pytest.warns(UserWarning, match=r"removed 1 temporary file.*\.a\.bin\.k3x_9q0z\.tmp"):
+        assert D.fetch("toy", "a.bin", sha256(b"payload"), UNREACHABLE).read_bytes() == b"payload"
+    # only stale files of this download's own naming go: a live one may belong to another process
+    assert sorted(os.listdir(folder)) == sorted(["a.bin", live.name] + [p.name for p in others])

@@ -49,3 +49,29 @@ def test_rows_as_sequence_interleaves_the_channels_of_each_row():
     assert seq.shape == (2, 4, 15)
     n, row, col = 1, 2, 3
     np.testing.assert_array_equal(seq[n, row, 3 * col:3 * col + 3], x[n, :, row, col])   # R, G, B of one pixel
+
+
+@pytest.mark.parametrize("make,name", [
+    (lambda: L.Conv1D(1, 2, kernel_size=2.5), "Conv1D: kernel_size"),
+    (lambda: L.Conv1D(1, 2, 3, stride=0), "Conv1D: stride"),
+    (lambda: L.Conv1D(1, 2, 3, padding=-1), "Conv1D: padding must be an integer >= 0"),
+    (lambda: L.Conv1D(1.0, 2, 3), "Conv1D: in_channels"),
+    (lambda: L.Conv2D(1.5, 2, 3), "Conv2D: in_channels"),
+    (lambda: L.Conv2D(1, 0, 3), "Conv2D: out_channels"),
+    (lambda: L.Dense(10.5, 3), "Dense: in_features"),
+    (lambda: L.Dense(10, "3"), "Dense: out_features"),
+    (lambda: L.Dense(True, 3), "Dense: in_features"),
+    (lambda: L.BatchNorm(4.0), "BatchNorm: num_channels"),
+    (lambda: L.BatchNorm(0), "BatchNorm: num_channels"),
+    (lambda: L.MaxPool2D(2.5), "pool_size"),
+    (lambda: L.MaxPool1D(1.5), "pool_size"),
+])
+def test_integer_hyperparameters_must_be_positive_integers(make, name):
+    with pytest.raises(ValueError, match=name):
+        make()
+
+
+def test_numpy_integers_are_accepted_as_sizes():
+    layer = L.Dense(np.int64(4), np.int32(2))
+    assert layer.params["W"].shape == (4, 2) and layer.config()["in_features"] == 4
+    assert L.Conv1D(np.int64(2), 3, np.int64(3)).params["W"].shape == (3, 2, 3)

@@ -50,3 +50,10 @@ def test_metrics_reject_bad_labels():
         E.accuracy(np.array([0, 1]), np.array([0]))
     with pytest.raises(ValueError, match=r"0\.\.2"):
         E.confusion_matrix(np.array([0, 3]), np.array([0, 1]), num_classes=3)
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(num_classes=3), dict(class_names=["a", "b"])])
+def test_classification_report_of_nothing_is_an_error_not_nan(kwargs):
+    for empty in ([], np.array([], dtype=np.int64)):
+        with pytest.raises(ValueError, match="y_true and y_pred are empty"):
+            E.classification_report(empty, empty, **kwargs)

@@ -13,10 +13,10 @@ import cnn_data as D
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 
-@pytest.fixture(scope="module")
-def mnist():
+@pytest.fixture
+def mnist(monkeypatch):
     if not os.environ.get(D.MIRROR_ENV) and SHARED.is_dir():
-        os.environ[D.MIRROR_ENV] = str(SHARED)
+        monkeypatch.setenv(D.MIRROR_ENV, str(SHARED))     # undone after the test, unlike os.environ[...] = ...
     try:
         return D.load_mnist(validation_size=0)
     except D.DatasetError as err:

@@ -132,3 +132,56 @@ def test_conv_net_builds_2d_and_1d_networks():
     seq = M.conv_net(in_channels=96, input_size=32, channels=(8,), dims=1)
     assert seq.forward(np.zeros((2, 96, 32), np.float32)).shape == (2, 10)
     assert isinstance(seq.layers[0], L.Conv1D)
+
+
+# ---------------------------------------------------------------- reliability, uint8 input, parameter count
+
+def test_loading_a_npy_or_unrelated_npz_says_what_the_file_holds(tmp_path):
+    np.save(tmp_path / "weights.npy", np.zeros((3, 4)))
+    with pytest.raises(ValueError, match=r"weights\.npy is not a readable model file: it is a \.npy file "
+                                         r"holding one array of shape \(3, 4\), dtype float64"):
+        M.Sequential.load(tmp_path / "weights.npy")
+    np.savez(tmp_path / "stats.npz", mean=np.zeros(3), counts=np.ones((2, 2), np.int64))
+    with pytest.raises(ValueError, match=r"stats\.npz is not a saved Sequential model: it holds "
+                                         r"mean \(3,\) float64, counts \(2, 2\) int64 and no 'architecture'"):
+        M.Sequential.load(tmp_path / "stats.npz")
+    (tmp_path / "empty.npz").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty\.npz is not a readable model file: the file is empty"):
+        M.Sequential.load(tmp_path / "empty.npz")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_predict_refuses_non_finite_input_with_a_count(bad):
+    model = M.Sequential([L.Flatten(), L.Dense(12, 3)])
+    x = np.random.default_rng(0).random((5, 3, 2, 2), dtype=np.float32)
+    x[1, 0, 0, 0] = x[1, 2, 1, 1] = bad
+    for predict in (model.predict, model.predict_proba):
+        with pytest.raises(ValueError, match=r"predict: 2 of the 60 input values are not finite "
+                                             r"\(NaN or inf\), in 1 of the 5 examples"):
+            predict(x)
+
+
+def test_predict_takes_uint8_images_and_lists():
+    model = M.mnist_cnn(channels=(2, 3), hidden=8)
+    x8 = np.random.default_rng(3).integers(0, 256, (7, 1, 28, 28), dtype=np.uint8)
+    expected = model.predict_proba(x8.astype(np.float32) / 255, batch_size=3)
+    np.testing.assert_array_equal(model.predict_proba(x8, batch_size=3), expected)
+    np.testing.assert_array_equal(model.predict(x8), expected.argmax(axis=1))
+    as_list = (x8.astype(np.float32) / 255).tolist()
+    np.testing.assert_array_equal(model.predict_proba(as_list, batch_size=3), expected)
+    # one batch at a time: each uint8 batch becomes floats, the whole array never does
+    batch = M.prepare_batch(x8[:2], np.float32)
+    assert batch.dtype == np.float32 and batch.max() <= 1
+    assert M.prepare_batch(x8[:2].astype(np.float64), np.float32).dtype == np.float64
+    with pytest.raises(ValueError, match="floating-point.*int32"):
+        model.predict(x8.astype(np.int32))
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        model.predict(x8, batch_size=0)
+
+
+def test_num_params_counts_every_trained_parameter():
+    assert M.mnist_cnn().num_params() == 421_642                      # the README's count
+    model = M.Sequential([L.Conv2D(3, 4, 3), L.BatchNorm(4), L.Flatten(), L.Dense(4 * 2 * 2, 5)])
+    assert model.num_params() == (4 * 3 * 3 * 3 + 4) + (4 + 4) + (16 * 5 + 5)
+    assert model.summary((3, 4, 4)).endswith(f"total parameters: {model.num_params():,}")
+    assert M.Sequential([L.Flatten()]).num_params() == 0

@@ -56,6 +56,8 @@ CASES = {
     "feature_maps": lambda p: P.plot_feature_maps(RNG.normal(size=(40, 6, 6)), max_maps=10, path=p),
     "saliency": lambda p: P.plot_saliency(GRAY[:4], RNG.normal(size=(4, 1, 8, 8)),
                                               titles=list("abcd"), path=p),
+    "val_curves": lambda p: P.plot_val_curves({"a": [0.5, 0.7], "b": [0.4, 0.6, 0.8]}, title="runs", path=p),
+    "occlusion": lambda p: P.plot_occlusion(GRAY[:2], RNG.uniform(size=(2, 3, 3)), titles=["x", "y"], path=p),
 }
 
 
@@ -140,3 +142,34 @@ def test_occlusion_map_matches_a_loop_and_is_unchanged_on_zero_regions():
     clean = model.predict_proba(x[None])[0, label]
     np.testing.assert_allclose(occ[:, 0], clean, rtol=1e-12)      # patch inside the zero region
     assert np.all(np.abs(occ[:, 1:] - clean) > 1e-9)               # patch touches non-zero pixels
+
+
+def test_plot_val_curves_one_line_per_run_with_epochs_from_one():
+    fig = P.plot_val_curves({"baseline": [0.5, 0.7, 0.9], "short": [0.6]}, title="study")
+    ax = fig.axes[0]
+    assert [line.get_label() for line in ax.lines] == ["baseline", "short"]
+    assert list(ax.lines[0].get_xdata()) == [1, 2, 3] and list(ax.lines[0].get_ydata()) == [0.5, 0.7, 0.9]
+    assert list(ax.lines[1].get_xdata()) == [1]
+    assert (ax.get_title(), ax.get_xlabel(), ax.get_ylabel()) == ("study", "epoch", "validation accuracy")
+    for fig in (P.plot_val_curves({"one epoch": [0.5]}), P.plot_history({"train_loss": [1.0], "train_acc": [0.5]})):
+        lo, hi = fig.axes[0].get_xlim()                 # a single epoch is tick 1, not 0.96, 0.98, ...
+        assert [t for t in fig.axes[0].get_xticks() if lo <= t <= hi] == [1]
+    with pytest.raises(ValueError, match="at least one run"):
+        P.plot_val_curves({})
+    with pytest.raises(ValueError, match="one value per epoch"):
+        P.plot_val_curves({"empty": []})
+
+
+def test_plot_occlusion_pairs_each_image_with_its_map_on_one_scale():
+    heatmaps = [RNG.uniform(size=(3, 3)), RNG.uniform(size=(3, 3))]
+    fig = P.plot_occlusion(GRAY[:2], heatmaps, titles=["digit 7", "digit 2"])
+    image_axes = [ax for ax in fig.axes if ax.get_images() and ax.get_label() != "<colorbar>"]
+    assert len(image_axes) == 4 and len(fig.axes) == 5                      # 2 x (image, map) + one colour bar
+    assert [ax.get_title() for ax in image_axes] == ["digit 7", "P(true class) occluded", "digit 2",
+                                                      "P(true class) occluded"]
+    for k, heat in enumerate(heatmaps):
+        shown = image_axes[2 * k + 1].get_images()[0]
+        np.testing.assert_array_equal(shown.get_array(), heat)
+        assert shown.get_clim() == (0, 1)                                   # probabilities on one fixed scale
+    with pytest.raises(ValueError, match="N heat maps"):
+        P.plot_occlusion(GRAY[:2], heatmaps[:1])

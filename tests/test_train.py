@@ -1,4 +1,7 @@
-"""Optimisers and schedules by hand, augmentation, fit: divergence, exact resume, dtypes."""
+"""Optimisers and schedules by hand, augmentation, fit: divergence, exact resume, dtypes,
+clear early errors for bad arguments, data and checkpoints; uint8 input; gradient clipping."""
+
+import json
 
 import numpy as np
 import pytest
@@ -130,3 +133,203 @@ def test_random_flip_mirrors_some_images_and_keeps_the_rest():
     kept = [np.array_equal(o, i) for o, i in zip(out, x)]
     assert all(f or k for f, k in zip(flipped, kept)) and 5 < sum(flipped) < 35
     assert T.augmentation()(x, np.random.default_rng(0)) is x
+
+
+# ---------------------------------------------------------------- reliability: clear, early errors
+
+def tiny_problem(n=24, seed=0):
+    rng = np.random.default_rng(seed)
+    x, y = rng.random((n, 1, 4, 4), dtype=np.float32), rng.integers(0, 3, n)
+    model = M.Sequential([L.Flatten(), L.Dense(16, 8), L.ReLU(), L.Dense(8, 3)], seed=1)
+    return model, x, y
+
+
+def weights(model):
+    return [param.copy() for _, param, _ in model.parameters()]
+
+
+@pytest.mark.parametrize("make,name", [
+    (lambda: T.SGD(lr=float("nan")), "lr"), (lambda: T.SGD(lr=float("inf")), "lr"),
+    (lambda: T.SGD(lr=0), "lr"), (lambda: T.Adam(lr=-1e-3), "lr"), (lambda: T.Adam(lr="0.1"), "lr"),
+    (lambda: T.SGD(0.1, weight_decay=float("nan")), "weight_decay"),
+    (lambda: T.SGD(0.1, momentum=1.0), "momentum"), (lambda: T.SGD(0.1, momentum=float("nan")), "momentum"),
+    (lambda: T.Adam(beta1=1.0), "beta1"), (lambda: T.Adam(beta2=1.0), "beta2"),
+    (lambda: T.Adam(beta1=-0.1), "beta1"), (lambda: T.Adam(eps=0), "eps"), (lambda: T.Adam(eps=float("nan")), "eps"),
+    (lambda: T.step_schedule(0.1, step_size=0), "step_size"), (lambda: T.step_schedule(0.1, 2.5), "step_size"),
+    (lambda: T.step_schedule(0.1, 2, gamma=0), "gamma"), (lambda: T.step_schedule(float("inf"), 2), "lr"),
+    (lambda: T.cosine_schedule(0.1, epochs=0), "epochs"), (lambda: T.cosine_schedule(0.1, epochs=-1), "epochs"),
+    (lambda: T.cosine_schedule(0.1, 10, lr_min=-1e-3), "lr_min"),
+])
+def test_bad_optimiser_and_schedule_hyperparameters_fail_at_construction(make, name):
+    with pytest.raises(ValueError, match=rf"\b{name} must be"):
+        make()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(batch_size=0), "batch_size must be a positive integer, got 0"),
+    (dict(batch_size=-4), "batch_size must be a positive integer"),
+    (dict(batch_size=2.5), "batch_size must be a positive integer"),
+    (dict(epochs=-1), "epochs must be a positive integer, got -1"),
+    (dict(epochs=0), "epochs must be a positive integer"),
+    (dict(clip_norm=0.0), "clip_norm must be a finite number > 0"),
+    (dict(schedule=lambda epoch: float("nan")), r"schedule\(0\).*must be a finite number > 0"),
+    (dict(validation=(np.zeros((5, 1, 4, 5), np.float32), np.zeros(5, int))), "validation examples have shape"),
+    (dict(validation=(np.zeros((5, 1, 4, 4), np.float32), np.zeros(4, int))), "5 inputs but 4 labels"),
+    (dict(validation=(np.zeros((5, 1, 4, 4), np.float32), np.full(5, 7))), r"validation y.*0\.\.2"),
+])
+def test_fit_rejects_bad_arguments_before_any_work(kwargs, message):
+    model, x, y = tiny_problem()
+    before, calls = weights(model), []
+    args = dict(epochs=2, batch_size=8, progress=False, log=calls.append,
+                augment=lambda xb, rng: calls.append("batch") or xb)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        T.fit(model, x, y, T.SGD(0.1), **args)
+    assert calls == []                                  # not one batch, not one epoch
+    for a, b in zip(before, weights(model)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fit_accepts_lists_and_refuses_ragged_ones():
+    model, x, y = tiny_problem()
+    from_arrays = T.fit(model, x, y, T.SGD(0.1), epochs=1, batch_size=8, progress=False, log=None)
+    model, *_ = tiny_problem()
+    from_lists = T.fit(model, x.tolist(), y.tolist(), T.SGD(0.1), epochs=1, batch_size=8, progress=False, log=None)
+    assert from_lists.train_loss == pytest.approx(from_arrays.train_loss)
+    with pytest.raises(TypeError, match="fit: x must be a NumPy array"):
+        T.fit(model, [np.zeros((1, 4, 4)), np.zeros((1, 4, 5))], [0, 1], T.SGD(0.1), epochs=1, log=None)
+
+
+def test_empty_validation_set_is_skipped_with_a_warning_before_training():
+    model, x, y = tiny_problem()
+    with pytest.warns(UserWarning, match=r"validation set is empty.*validation=None"):
+        history = T.fit(model, x, y, T.SGD(0.1), epochs=2, batch_size=8, progress=False, log=None,
+                        validation=(x[:0], y[:0]))
+    assert len(history.train_loss) == 2 and history.val_loss == [] and history.val_acc == []
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_input_is_refused_with_a_count(bad):
+    model, x, y = tiny_problem()
+    x[3, 0, 1, 2] = x[5, 0, 0, 0] = x[5, 0, 3, 3] = bad
+    message = r"3 of the 384 input values are not finite \(NaN or inf\), in 2 of the 24 examples"
+    with pytest.raises(ValueError, match="evaluate: " + message):
+        T.evaluate(model, x, y)
+    with pytest.raises(ValueError, match="fit: " + message):
+        T.fit(model, x, y, T.SGD(0.1), epochs=1, progress=False, log=None)
+    clean = x[:2]
+    with pytest.raises(ValueError, match=r"fit: 3 of the 384 validation input values are not finite"):
+        T.fit(model, clean, y[:2], T.SGD(0.1), epochs=1, progress=False, log=None, validation=(x, y))
+
+
+def test_divergence_names_epoch_and_batch_and_keeps_the_last_good_checkpoint(tmp_path):
+    model, x, y = tiny_problem()
+    ckpt = tmp_path / "run.npz"
+    T.fit(model, x, y, T.SGD(0.1), epochs=1, batch_size=24, checkpoint=ckpt, progress=False, log=None)
+    good = dict(np.load(ckpt))
+    # lr 1e39 is a finite float, but one float32 step of it makes every weight infinite while
+    # the loss of that batch is still finite: the old loop saved those weights after the epoch.
+    with np.errstate(all="ignore"), \
+            pytest.raises(FloatingPointError, match=r"epoch 2, batch 1 .*learning rate.*still holds epoch 1"):
+        T.fit(model, x, y, T.SGD(1e39), epochs=3, batch_size=24, checkpoint=ckpt, progress=False, log=None)
+    saved = dict(np.load(ckpt))
+    assert json.loads(str(saved["training"]))["epoch"] == 1
+    for key in good:
+        np.testing.assert_array_equal(saved[key], good[key], err_msg=key)
+
+
+def test_resuming_from_a_broken_or_foreign_checkpoint_fails_clearly(tmp_path):
+    model, x, y = tiny_problem()
+    ckpt = tmp_path / "run.npz"
+    T.fit(model, x, y, T.Adam(), epochs=1, batch_size=8, checkpoint=ckpt, progress=False, log=None)
+    data = ckpt.read_bytes()
+    corrupt = bytearray(data)
+    corrupt[len(data) // 2] ^= 0xFF                     # inside a stored array: bad CRC
+    saved_model = tmp_path / "model.npz"
+    model.save(saved_model)
+    cases = {"truncated.npz": data[:len(data) // 3], "empty.npz": b"", "corrupt.npz": bytes(corrupt),
+             "model.npz": saved_model.read_bytes()}
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    cases["array.npy"] = (tmp_path / "array.npy").read_bytes()
+    for name, content in cases.items():
+        path = tmp_path / "bad" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(content)
+        fresh, *_ = tiny_problem()
+        with pytest.raises(ValueError, match=r"checkpoint .*" + name + r" cannot be resumed: ") as info:
+            T.fit(fresh, x, y, T.Adam(), epochs=2, batch_size=8, checkpoint=path, progress=False, log=None)
+        assert isinstance(info.value, T.CheckpointError)
+        message = str(info.value)
+        if name in ("model.npz", "array.npy"):      # not damaged, just something else: never "delete it"
+            assert "checkpoint path of its own" in message and "Delete it" not in message
+            assert ("saved model" in message and "Sequential.load" in message) if name == "model.npz" \
+                else "one array of shape (3,)" in message
+        else:
+            assert "Delete it to start training over" in message
+
+
+def test_resuming_with_another_optimiser_is_refused(tmp_path):
+    model, x, y = tiny_problem()
+    for written, resumed, name in [(T.Adam(), T.SGD(0.1, momentum=0.9), "Adam"),
+                                   (T.SGD(0.1, momentum=0.9), T.SGD(0.1), "SGD")]:
+        ckpt = tmp_path / f"{name}-{resumed.momentum}.npz"
+        T.fit(model, x, y, written, epochs=1, batch_size=8, checkpoint=ckpt, progress=False, log=None)
+        with pytest.raises(ValueError, match=rf"written by {name}.*drop the optimiser state"):
+            T.fit(model, x, y, resumed, epochs=2, batch_size=8, checkpoint=ckpt, progress=False, log=None)
+    # Checkpoints written before the optimiser's name was recorded: Adam is recognised by its buffers.
+    arrays = dict(np.load(tmp_path / "Adam-0.9.npz"))
+    training = json.loads(str(arrays["training"]))
+    del training["optimizer"]
+    arrays["training"] = np.array(json.dumps(training))
+    np.savez(tmp_path / "old.npz", **arrays)
+    with pytest.raises(ValueError, match="written by Adam"):
+        T.fit(model, x, y, T.SGD(0.1), epochs=2, batch_size=8, checkpoint=tmp_path / "old.npz",
+              progress=False, log=None)
+
+
+def test_uint8_images_train_and_evaluate_like_floats_divided_by_255():
+    rng = np.random.default_rng(4)
+    x8, y = rng.integers(0, 256, (20, 1, 4, 4), dtype=np.uint8), rng.integers(0, 3, 20)
+    xf = x8.astype(np.float32) / 255
+    runs = []
+    for x in (x8, xf):
+        model, *_ = tiny_problem()
+        history = T.fit(model, x, y, T.Adam(), epochs=2, batch_size=8, progress=False, log=None,
+                        validation=(x, y))
+        runs.append((model, history))
+    (m8, h8), (mf, hf) = runs
+    assert h8.as_dict() | {"seconds": 0} == hf.as_dict() | {"seconds": 0}
+    for a, b in zip(weights(m8), weights(mf)):
+        np.testing.assert_array_equal(a, b)
+    assert T.evaluate(m8, x8, y) == T.evaluate(m8, xf, y)
+    with pytest.raises(ValueError, match="floating-point.*int16"):           # other dtypes: today's error
+        T.fit(m8, x8.astype(np.int16), y, T.Adam(), epochs=1, progress=False, log=None)
+
+
+def test_clip_gradients_by_global_norm_by_hand():
+    model, layer = one_weight_model(grad_w=3.0, grad_b=4.0)          # global norm 5
+    assert T.clip_gradients(model, 10.0) == pytest.approx(5.0)       # below the limit: unchanged
+    assert layer.grads["W"][0, 0] == 3.0 and layer.grads["b"][0] == 4.0
+    assert T.clip_gradients(model, 1.0) == pytest.approx(5.0)
+    assert layer.grads["W"][0, 0] == pytest.approx(0.6) and layer.grads["b"][0] == pytest.approx(0.8)
+    T.SGD(lr=0.1).step(model)
+    assert layer.params["W"][0, 0] == pytest.approx(0.94) and layer.params["b"][0] == pytest.approx(0.92)
+    layer.grads["W"][0, 0] = np.nan
+    with pytest.raises(FloatingPointError, match="NaN or infinite"):
+        T.clip_gradients(model, 1.0)
+    with pytest.raises(ValueError, match="clip_norm"):
+        T.clip_gradients(model, -1.0)
+
+
+def test_fit_clip_norm_bounds_each_step():
+    model, x, y = tiny_problem()
+    before = weights(model)
+    T.fit(model, x, y, T.SGD(lr=1.0), epochs=1, batch_size=24, clip_norm=1e-3, progress=False, log=None)
+    step = np.sqrt(sum(((a - b).astype(np.float64) ** 2).sum() for a, b in zip(weights(model), before)))
+    assert step == pytest.approx(1e-3, rel=1e-4)                    # one step of lr * clip_norm
+    unclipped, *_ = tiny_problem()
+    huge, *_ = tiny_problem()
+    T.fit(unclipped, x, y, T.SGD(0.1), epochs=1, batch_size=8, progress=False, log=None)
+    T.fit(huge, x, y, T.SGD(0.1), epochs=1, batch_size=8, clip_norm=1e9, progress=False, log=None)
+    for a, b in zip(weights(unclipped), weights(huge)):
+        np.testing.assert_array_equal(a, b)

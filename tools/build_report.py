@@ -7,8 +7,9 @@ export them together through nbconvert's LaTeX route (xelatex).
                                             # into build/quick/
     python tools/build_report.py --quick --out /tmp/r   # into another folder
 
-The notebooks read two environment variables that this script sets:
-CNN_QUICK ("1" for the quick mode) and CNN_OUT (where runs/, figures/ go).
+The notebooks read three environment variables that this script sets:
+CNN_QUICK ("1" for the quick mode), CNN_OUT (where runs/, figures/ go) and
+CNN_PROGRESS ("0": no live progress bar, the PDF keeps the per-epoch lines).
 Training notebooks save weights and histories in <out>/runs/ and reuse them,
 so an interrupted build resumes where it stopped. Cells tagged "hide-input"
 show only their output in the PDF; cells tagged "remove-cell" are left out.
@@ -73,6 +74,7 @@ def main(argv=None):
     out = (args.out or (ROOT / "build" / "quick" if args.quick else ROOT)).resolve()
     os.environ["CNN_QUICK"] = "1" if args.quick else "0"
     os.environ["CNN_OUT"] = str(out)
+    os.environ["CNN_PROGRESS"] = "0"
     sources = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
     if not sources:
         sys.exit(f"no notebooks found in {NOTEBOOKS}")

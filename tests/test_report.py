@@ -1,0 +1,222 @@
+"""Tests of cnn_report, the helpers of the report notebooks: Markdown tables,
+subsets, training that reuses saved runs, result records, the benchmark run."""
+import json
+import sys
+
+import numpy as np
+import pytest
+
+import cnn_data as D
+import cnn_images as I
+import cnn_layers as L
+import cnn_metrics as E
+import cnn_model as M
+import cnn_report as R
+import cnn_train as T
+
+# ---------------------------------------------------------------------------
+# Markdown tables
+# ---------------------------------------------------------------------------
+
+def test_markdown_table_text_and_jupyter_rendering():
+    table = R.markdown_table(["layer", "error"], [["Conv2D", f"{1.5e-9:.1e}"], ["ReLU", 0]])
+    assert table == "| layer | error |\n|---|---|\n| Conv2D | 1.5e-09 |\n| ReLU | 0 |"
+    assert table._repr_markdown_() == table                     # Jupyter shows it as Markdown
+    assert R.markdown_table(["a"], []) == "| a |\n|---|"
+
+
+def test_markdown_table_escapes_pipes_and_rejects_ragged_rows():
+    assert R.markdown_table(["x"], [["a|b"]]).splitlines()[-1] == r"| a\|b |"
+    with pytest.raises(ValueError, match="row 1 has 1 cells for 2 columns"):
+        R.markdown_table(["a", "b"], [[1, 2], [3]])
+
+
+def test_results_table_formats_each_record():
+    records = [R.Result("small", 1234, 2, 1.25, [0.5, 0.75]), R.Result("big", 56789, 3, 10.0, [0.6, 0.7, 0.8])]
+    table = R.results_table(records, {"variant": "{r.name}", "parameters": "{r.params:,}",
+                                      "s / epoch": "{r.seconds:.1f}", "validation accuracy": "{r.val_acc:.2%}"})
+    assert table.splitlines() == ["| variant | parameters | s / epoch | validation accuracy |", "|---|---|---|---|",
+                                  "| small | 1,234 | 1.2 | 75.00% |", "| big | 56,789 | 10.0 | 80.00% |"]
+
+
+# ---------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------
+
+def toy_data(n_train=40, n_val=12, n_test=10, size=6, seed=0):
+    """Random (N, 1, size, size) float32 images whose label is a function of the
+    pixels (so that x and y stay paired), three classes."""
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        x = rng.uniform(size=(n, 1, size, size)).astype(np.float32)
+        return x, (x.sum(axis=(1, 2, 3)) * 1000).astype(np.int64) % 3
+
+    return D.Dataset(*split(n_train), *split(n_val), *split(n_test), ("a", "b", "c"))
+
+
+def test_subset_is_seeded_random_and_keeps_pairs():
+    data = toy_data()
+    small = R.subset(data, 10, 5, 4, seed=3)
+    assert (len(small.y_train), len(small.y_val), len(small.y_test)) == (10, 5, 4)
+    assert small.class_names == data.class_names
+    for split in ("train", "val", "test"):
+        x, y = getattr(small, f"x_{split}"), getattr(small, f"y_{split}")
+        np.testing.assert_array_equal(y, (x.sum(axis=(1, 2, 3)) * 1000).astype(np.int64) % 3)
+    assert not np.array_equal(small.x_train, data.x_train[:10])               # not simply the first ones
+    np.testing.assert_array_equal(R.subset(data, 10, 5, 4, seed=3).x_train, small.x_train)
+    assert not np.array_equal(R.subset(data, 10, 5, 4, seed=4).x_train, small.x_train)
+
+
+def test_subset_refuses_more_examples_than_there_are():
+    with pytest.raises(ValueError, match="asked for 13 val examples, the data set has 12"):
+        R.subset(toy_data(), 10, 13, 4)
+
+
+def test_load_cifar10_says_which_copy_it_returns(monkeypatch):
+    official, jpeg = toy_data(seed=1), toy_data(seed=2)
+    monkeypatch.setattr(D, "load_cifar10", lambda normalize: official)
+    monkeypatch.setattr(I, "load_cifar10_jpeg", lambda normalize: jpeg)
+    data, source = R.load_cifar10()
+    assert data is official and "official" in source
+
+    def unavailable(normalize):
+        raise D.DatasetError("offline")
+
+    monkeypatch.setattr(D, "load_cifar10", unavailable)
+    data, source = R.load_cifar10()
+    assert data is jpeg and "JPEG re-encoded copy" in source
+
+
+# ---------------------------------------------------------------------------
+# Training that reuses finished runs
+# ---------------------------------------------------------------------------
+
+def toy_model(hidden=3):
+    return M.Sequential([L.Conv2D(1, hidden, 3, padding=1), L.ReLU(), L.Flatten(), L.Dense(hidden * 36, 3)], seed=0)
+
+
+def test_train_or_load_trains_once_then_reloads_the_same_model(tmp_path, monkeypatch, capsys):
+    data = toy_data()
+    model, history = R.train_or_load(tmp_path, "toy run/1", toy_model(), data, T.Adam(1e-2), 2, batch_size=8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["toy_run_1.json", "toy_run_1.npz"]   # no checkpoint left
+    assert len(history["val_acc"]) == 2 and len(history["seconds"]) == 2
+    assert capsys.readouterr().out.count("epoch ") == 2                     # one line per epoch
+    monkeypatch.setattr(T, "fit", lambda *a, **k: pytest.fail("a saved run must not be trained again"))
+    again, again_history = R.train_or_load(tmp_path, "toy run/1", toy_model(), data, T.Adam(1e-2), 2)
+    assert again_history == history
+    np.testing.assert_array_equal(again.predict_proba(data.x_test), model.predict_proba(data.x_test))
+
+
+def test_train_or_load_refuses_a_saved_run_of_another_network(tmp_path):
+    data = toy_data()
+    R.train_or_load(tmp_path, "toy", toy_model(hidden=3), data, T.Adam(1e-2), 1, batch_size=8)
+    with pytest.raises(ValueError, match="toy.npz holds a different network.*delete it and toy.json"):
+        R.train_or_load(tmp_path, "toy", toy_model(hidden=4), data, T.Adam(1e-2), 1, batch_size=8)
+
+
+def test_train_or_load_passes_a_live_progress_bar_only_when_asked(tmp_path, monkeypatch):
+    from tqdm.auto import tqdm
+    seen = []
+
+    def fake_fit(model, x, y, optimizer, epochs, progress, **kwargs):
+        seen.append(progress)
+        return T.History(seconds=[0.1], train_loss=[1.0], train_acc=[0.5], val_loss=[1.0], val_acc=[0.5])
+
+    monkeypatch.setattr(T, "fit", fake_fit)
+    R.train_or_load(tmp_path, "with_bar", toy_model(), toy_data(), T.Adam(1e-2), 1, progress=True)
+    R.train_or_load(tmp_path, "without", toy_model(), toy_data(), T.Adam(1e-2), 1)
+    assert seen == [tqdm, False]
+
+
+# ---------------------------------------------------------------------------
+# Result records
+# ---------------------------------------------------------------------------
+
+def test_model_result_counts_times_and_scores_the_test_set():
+    data, model = toy_data(), toy_model()
+    history = {"seconds": [3.0, 1.0, 2.0, 10.0], "val_acc": [0.2, 0.4, 0.5, 0.6]}
+    plain = R.model_result("toy", model, history)
+    assert (plain.name, plain.epochs, plain.seconds, plain.curve, plain.val_acc) == ("toy", 4, 2.5, history["val_acc"], 0.6)
+    assert plain.params == 3 * 9 + 3 + 3 * 36 * 3 + 3 and plain.accuracy is None and plain.report is None
+    tested = R.model_result("toy", model, T.History(seconds=[1.0], val_acc=[0.3]), data)
+    assert tested.accuracy == E.accuracy(data.y_test, model.predict(data.x_test)) == tested.report["accuracy"]
+    assert list(tested.report["class_names"]) == list(data.class_names)
+    assert tested.summary("accuracy", "params", "val_acc") == {"accuracy": tested.accuracy, "params": plain.params,
+                                                              "val_acc": 0.3}
+
+
+def test_read_results_returns_the_json_or_none_with_a_note(tmp_path, capsys):
+    (tmp_path / "done.json").write_text(json.dumps({"test_accuracy": 0.99}))
+    assert R.read_results(tmp_path / "done.json", "01_x") == {"test_accuracy": 0.99}
+    assert R.read_results(tmp_path / "missing.json", "03_y") is None
+    assert capsys.readouterr().out == "missing.json not found: run notebook 03_y first to include its results.\n"
+
+
+# ---------------------------------------------------------------------------
+# The benchmark
+# ---------------------------------------------------------------------------
+
+def test_run_benchmark_runs_the_script_and_reads_its_json(tmp_path):
+    script = tmp_path / "fake_bench.py"
+    script.write_text("import json, sys\n"
+                      "args = sys.argv[1:]\n"
+                      "path = args[args.index('--json') + 1]\n"
+                      "print('noise on stdout')\n"
+                      "json.dump({'mode': 'quick' if '--quick' in args else 'full'}, open(path, 'w'))\n")
+    assert R.run_benchmark(tmp_path / "b.json", quick=True, script=script) == {"mode": "quick"}
+    assert R.run_benchmark(tmp_path / "b.json", script=script) == {"mode": "full"}
+
+
+def test_run_benchmark_failure_shows_the_error(tmp_path):
+    script = tmp_path / "broken.py"
+    script.write_text("import sys\nsys.exit('GEMM exploded')\n")
+    with pytest.raises(RuntimeError, match="(?s)exit status 1.*GEMM exploded"):
+        R.run_benchmark(tmp_path / "b.json", script=script)
+
+
+BENCH = {
+    "machine": {"cpu_count": 2}, "gemm": {"n": 2048, "gflops": 261.6},
+    "targets": {"training_fraction_of_gemm": 0.25, "inference_fraction_of_gemm": 0.3},
+    "training": {"batch": 64, "images_per_s": 3205.4, "gflops": 80.1, "fraction_of_gemm": 0.306},
+    "inference": {"images_per_s": 10009.2, "fraction_of_gemm": 0.325},
+    "epoch": {"images": 60000, "seconds": 19.33, "peak_rss_mb": 345.2},
+    "layers": [
+        {"name": "0 Conv2D 1->32 3x3 pad 1", "fwd_macs": 14450688, "bwd_macs": 28901376, "vec_fwd_s": 0.00118,
+         "vec_bwd_s": 0.0017, "has_loop": True, "loop_fwd_s": 4.46, "loop_bwd_s": 5.82, "speedup_total": 3575.4},
+        {"name": "1 ReLU", "fwd_macs": 0, "bwd_macs": 0, "vec_fwd_s": 0.0004, "vec_bwd_s": 0.0005, "has_loop": False},
+    ],
+}
+
+
+def old_notebook_text(b):
+    """The summary notebook's paragraph as it was written before cnn_report (the reference)."""
+    tr, inf, ep = b["training"], b["inference"], b["epoch"]
+    text = (f"On this machine ({b['machine']['cpu_count']} cores) a 2048³ float32 matrix product runs at "
+            f"**{b['gemm']['gflops']:.0f} GFLOP/s**. Training the default network at batch 64 reaches "
+            f"**{tr['images_per_s']:,.0f} images/s = {tr['gflops']:.0f} GFLOP/s, {tr['fraction_of_gemm']:.0%} of that ceiling** "
+            f"(target 25 %); inference {inf['images_per_s']:,.0f} images/s = {inf['fraction_of_gemm']:.0%} (target 30 %).")
+    if ep:
+        text += (f" A full 60,000-image training epoch takes **{ep['seconds']:.1f} s** with a peak resident "
+                 f"memory of {ep['peak_rss_mb']:.0f} MB.")
+    return text
+
+
+def test_benchmark_text_matches_the_summary_notebook_and_skips_what_is_missing():
+    assert R.benchmark_text(BENCH) == old_notebook_text(BENCH)
+    quick = dict(BENCH, epoch=None)
+    assert R.benchmark_text(quick) == old_notebook_text(quick)
+    partial = {"gemm": {"gflops": 100.0}, "inference": {"images_per_s": 5000.0}, "new_section": {"x": 1}}
+    assert R.benchmark_text(partial) == ("On this machine a 2048³ float32 matrix product runs at **100 GFLOP/s**. "
+                                         "Inference 5,000 images/s.")
+    assert "none of the expected" in R.benchmark_text({})
+
+
+def test_benchmark_layer_table_rows_and_missing_numbers():
+    lines = R.benchmark_layer_table(BENCH).splitlines()
+    assert lines[0] == "| layer | loop ms | vectorized ms | speed-up | GFLOP/s (fwd / bwd) |"
+    assert lines[2] == "| 0 Conv2D 1->32 3x3 pad 1 | 10,280 | 2.88 | 3,575x | 24 / 34 |"
+    assert lines[3] == "| 1 ReLU |  | 0.90 |  |  |"
+    lines = R.benchmark_layer_table({"layers": [{"name": "conv", "has_loop": True, "vec_fwd_s": 0.001}]}).splitlines()
+    assert lines[2] == "| conv |  |  |  |  |"
+    assert len(R.benchmark_layer_table({}).splitlines()) == 2
