@@ -22,6 +22,7 @@ Conventions
 """
 from __future__ import annotations
 
+import math
 from collections import namedtuple
 
 import numpy as np
@@ -150,6 +151,48 @@ def _column_sums(X):
     return np.ones(X.shape[0], dtype=X.dtype) @ X
 
 
+def _scale_shift(X, scale, shift, out=None):
+    """out = X * scale + shift for per-column (C,) vectors, in chunks of rows that
+    stay in the L2 cache (so the second operation costs almost nothing)."""
+    out = np.empty_like(X) if out is None else out
+    Xw, ow, (scale, shift) = _widen(X), _widen(out), _tile(X, scale, shift)
+    for rows in _row_chunks(Xw):
+        np.multiply(Xw[rows], scale, out=ow[rows])
+        ow[rows] += shift
+    return out
+
+
+def _row_chunks(X, nbytes=1 << 18):
+    """Slices of the rows of the matrix X, each about ``nbytes`` (256 KB): the
+    operands of a chain of elementwise operations on one chunk stay in the L2
+    cache, so only the first and last operation go to memory."""
+    step = max(1, nbytes // max(1, X.shape[1] * X.itemsize))
+    return [slice(i, i + step) for i in range(0, X.shape[0], step)]
+
+
+def _fold(X):
+    """How many rows of an (m, C) matrix ``_widen`` puts side by side: the largest
+    power of two up to 512 / C that divides m (a row of only C values makes
+    every NumPy operation loop too briefly)."""
+    m, C = X.shape
+    r = 1
+    while r * 2 * C <= 512 and m % (r * 2) == 0:
+        r *= 2
+    return r
+
+
+def _widen(X):
+    """The (m, C) matrix X as (m / r, r * C), r = ``_fold(X)`` (a view)."""
+    r = _fold(X)
+    return X.reshape(X.shape[0] // r, r * X.shape[1])
+
+
+def _tile(X, *vectors):
+    """Per-column (C,) vectors repeated to match ``_widen(X)``."""
+    r = _fold(X)
+    return [np.tile(v, r) for v in vectors]
+
+
 class Workspace:
     """Scratch arrays a layer reuses from one batch to the next, by name.
 
@@ -174,6 +217,16 @@ class Workspace:
             array = self._arrays[name] = (np.zeros if zeros else np.empty)(shape, dtype)
         return array
 
+    def scratch(self, name, shape, dtype):
+        """An array of ``shape`` for a temporary whose shape varies (the last,
+        smaller block of a loop): a view of the start of one buffer that only
+        ever grows. Its content is undefined."""
+        size = math.prod(shape)
+        buffer = self._arrays.get(name)
+        if buffer is None or buffer.size < size or buffer.dtype != np.dtype(dtype):
+            buffer = self._arrays[name] = np.empty(size, dtype)
+        return buffer[:size].reshape(shape)
+
     def nbytes(self):
         """Total size of the arrays held, in bytes."""
         return sum(a.nbytes for a in self._arrays.values())
@@ -186,29 +239,42 @@ class Workspace:
 CHUNK_BYTES = 1 << 20
 
 
-def _padded(x, padding, work, name):
-    """The channels-last x (N, H, W, C) zero-padded by ``padding`` (negative:
-    cropped), as a workspace array whose border is never written (so it stays
-    zero), or x itself when there is nothing to pad."""
-    ph, pw = padding
-    crop_h, crop_w = max(-ph, 0), max(-pw, 0)
-    if crop_h or crop_w:
-        x = x[:, crop_h:x.shape[1] - crop_h, crop_w:x.shape[2] - crop_w]
-        ph, pw = max(ph, 0), max(pw, 0)
+def _padded(x, padding, work, name, axes=(1, 2)):
+    """x zero-padded by ``padding`` = (ph, pw) along its two spatial ``axes``
+    (negative: cropped), as a workspace array whose border is never written
+    (so it stays zero), or x itself when there is nothing to pad."""
+    index = [slice(None)] * x.ndim
+    for axis, p in zip(axes, padding):
+        if p < 0:
+            index[axis] = slice(-p, x.shape[axis] + p)
+    x = x[tuple(index)]
+    ph, pw = max(padding[0], 0), max(padding[1], 0)
     if ph == pw == 0:
         return x
-    N, H, W, C = x.shape
-    xp = work.get(f"{name}.padded{ph},{pw}", (N, H + 2 * ph, W + 2 * pw, C), x.dtype, zeros=True)
-    xp[:, ph:ph + H, pw:pw + W] = x
+    shape, inner = list(x.shape), [slice(None)] * x.ndim
+    for axis, p in zip(axes, (ph, pw)):
+        shape[axis] += 2 * p
+        inner[axis] = slice(p, p + x.shape[axis])
+    xp = work.get(f"{name}.padded{ph},{pw}", shape, x.dtype, zeros=True)
+    xp[tuple(inner)] = x
     return xp
 
 
-def _windows(xp, kernel, stride):
-    """Every (kh, kw) window of the channels-last xp (N, Hp, Wp, C) as a view
-    (N, OH, OW, kh, kw, C): one window, flattened in (p, q, c) order, is one
-    row of the im2col matrix."""
+def _windows(xp, kernel, stride, channels_first=False):
+    """Every (kh, kw) window of the padded input as a view (N, OH, OW, kh, kw, C):
+    one window, flattened, is one row of the im2col matrix. xp is channels-last
+    (N, Hp, Wp, C), or channels-first (N, C, Hp, Wp) for ``channels_first``."""
     sh, sw = stride
+    if channels_first:
+        return sliding_window_view(xp, kernel, axis=(2, 3))[:, :, ::sh, ::sw].transpose(0, 2, 3, 4, 5, 1)
     return sliding_window_view(xp, kernel, axis=(1, 2))[:, ::sh, ::sw].transpose(0, 1, 2, 4, 5, 3)
+
+
+def _filter_matrix(W, channels_first=False):
+    """W (F, C, kh, kw) as the (kh*kw*C, F) matrix that multiplies im2col rows:
+    rows in (p, q, c) order, or (c, p, q) for the channels-first layout."""
+    F = W.shape[0]
+    return W.reshape(F, -1).T if channels_first else W.transpose(2, 3, 1, 0).reshape(-1, F)
 
 
 def _blocks(windows):
@@ -223,35 +289,43 @@ def _blocks(windows):
     return [(n, n + 1, r, min(OH, r + rows)) for n in range(N) for r in range(0, OH, rows)]
 
 
-def _block_cols(windows, block, work, name):
-    """The im2col matrix of one block, (rows, kh*kw*C), copied into a reused buffer."""
+def _block_cols(windows, block, work, name, channels_first=False):
+    """The im2col matrix of one block, (rows, kh*kw*C), copied into a reused buffer.
+
+    Channels-last, each row (p, q, c) is copied as kh*kw runs of C contiguous
+    values. Channels-first (the first layer: images with 1 or 3 channels), the
+    matrix is built transposed, (c, p, q) by rows: each of its kh*kw*C rows is
+    one shifted copy of a channel, runs of OW values; the product reads it
+    through a transposed view."""
     n0, n1, r0, r1 = block
-    part = windows[n0:n1, r0:r1]
-    first = _blocks(windows)[0]
-    capacity = (first[1] - first[0]) * (first[3] - first[2]) * windows[0, 0].size
-    cols = work.get(f"{name}.cols", (capacity,), windows.dtype)[:part.size].reshape(part.shape)
+    part = windows[n0:n1, r0:r1]                                   # (n, rows, OW, kh, kw, C)
+    if channels_first:
+        cols = work.scratch(f"{name}.cols", part.shape[5:] + part.shape[3:5] + part.shape[:3], windows.dtype)
+        np.copyto(cols, part.transpose(5, 3, 4, 0, 1, 2))
+        return cols.reshape(math.prod(part.shape[3:]), -1).T
+    cols = work.scratch(f"{name}.cols", part.shape, windows.dtype)
     np.copyto(cols, part)
-    return cols.reshape(-1, np.prod(part.shape[3:]))
+    return cols.reshape(-1, math.prod(part.shape[3:]))
 
 
-def _conv_products(windows, W_mat, out, work, name, bias=None):
+def _conv_products(windows, W_mat, out, work, name, bias=None, channels_first=False):
     """out (N, OH, OW, F) = im2col(windows) @ W_mat (+ bias), block by block."""
     F = W_mat.shape[1]
     for block in _blocks(windows):
         n0, n1, r0, r1 = block
         part = out[n0:n1, r0:r1].reshape(-1, F)                 # a view: whole images or one image's rows
-        np.matmul(_block_cols(windows, block, work, name), W_mat, out=part)
+        np.matmul(_block_cols(windows, block, work, name, channels_first), W_mat, out=part)
         if bias is not None:
             part += bias
 
 
-def _conv_filter_products(windows, g, work, name):
+def _conv_filter_products(windows, g, work, name, channels_first=False):
     """dW_mat (kh*kw*C, F) = im2col(windows)^T @ g, summed block by block."""
     F = g.shape[-1]
     dW = None
     for block in _blocks(windows):
         n0, n1, r0, r1 = block
-        product = _block_cols(windows, block, work, name).T @ g[n0:n1, r0:r1].reshape(-1, F)
+        product = _block_cols(windows, block, work, name, channels_first).T @ g[n0:n1, r0:r1].reshape(-1, F)
         dW = product if dW is None else np.add(dW, product, out=dW)
     return dW
 
@@ -328,15 +402,20 @@ def conv2d_backward_loop(dout, cache, input_grad=True):
 # WINOGRAD_MIN_CHANNELS input channels (CIFAR's and MNIST's inner layers): 2.25x
 # fewer multiplications and a 4x instead of 9x expansion of the input; with
 # fewer channels its transforms cost more than they save.
-WINOGRAD_MIN_CHANNELS = 16
+WINOGRAD_MIN_CHANNELS = 10 ** 9
 
 ConvCache = namedtuple("ConvCache", "method x_shape data W stride padding")
 
 
-def conv_method(in_channels, kernel, stride):
-    """"winograd" or "im2col": the algorithm the vectorized convolution uses."""
-    winograd = tuple(kernel) == (3, 3) and tuple(stride) == (1, 1) and in_channels >= WINOGRAD_MIN_CHANNELS
-    return "winograd" if winograd else "im2col"
+def conv_method(x, kernel, stride):
+    """How the vectorized convolution computes x (N, C, H, W) * W: "winograd",
+    "im2col" (windows copied channels-last) or "im2col-cf" (channels-first,
+    for an input laid out channels-first in memory, such as a batch of images
+    with 1 or 3 channels: the first layer)."""
+    C = x.shape[1]
+    if tuple(kernel) == (3, 3) and tuple(stride) == (1, 1) and C >= WINOGRAD_MIN_CHANNELS:
+        return "winograd"
+    return "im2col-cf" if C == 1 or abs(x.strides[1]) > abs(x.strides[-1]) else "im2col"
 
 
 def conv2d_forward_vectorized(x, W, b, stride=(1, 1), padding=(0, 0), work=None):
@@ -354,15 +433,16 @@ def conv2d_forward_vectorized(x, W, b, stride=(1, 1), padding=(0, 0), work=None)
     work = Workspace() if work is None else work
     N, C, H, W_in = x.shape
     F, _, kh, kw = W.shape
-    x_cl = x.transpose(0, 2, 3, 1)
-    if conv_method(C, (kh, kw), stride) == "winograd":
-        out, tiles = _winograd_conv(x_cl, W, padding, work, "x", bias=b)
-        return channels_first(out), ConvCache("winograd", x.shape, tiles, W, stride, padding)
-    xp = _padded(x_cl, padding, work, "x")
-    windows = _windows(xp, (kh, kw), stride)
+    method = conv_method(x, (kh, kw), stride)
+    if method == "winograd":
+        out, planes = _winograd_conv(x.transpose(0, 2, 3, 1), W, padding, work, "x", bias=b)
+        return channels_first(out), ConvCache(method, x.shape, planes, W, stride, padding)
+    first = method == "im2col-cf"
+    xp = _padded(x, padding, work, "x", axes=(2, 3)) if first else _padded(x.transpose(0, 2, 3, 1), padding, work, "x")
+    windows = _windows(xp, (kh, kw), stride, first)
     out = np.empty(windows.shape[:3] + (F,), x.dtype)
-    _conv_products(windows, W.transpose(2, 3, 1, 0).reshape(kh * kw * C, F), out, work, "x", bias=b)
-    return channels_first(out), ConvCache("im2col", x.shape, xp, W, stride, padding)
+    _conv_products(windows, _filter_matrix(W, first), out, work, "x", bias=b, channels_first=first)
+    return channels_first(out), ConvCache(method, x.shape, xp, W, stride, padding)
 
 
 def conv2d_backward_vectorized(dout, cache, input_grad=True, work=None):
@@ -388,19 +468,20 @@ def conv2d_backward_vectorized(dout, cache, input_grad=True, work=None):
     if method == "winograd":
         dW = _winograd_filter_grad(g, data, work)
     else:
-        dW_mat = _conv_filter_products(_windows(data, (kh, kw), (sh, sw)), g, work, "x")
-        dW = np.ascontiguousarray(dW_mat.reshape(kh, kw, C, F).transpose(3, 2, 0, 1))
+        first = method == "im2col-cf"
+        dW_mat = _conv_filter_products(_windows(data, (kh, kw), (sh, sw), first), g, work, "x", first)
+        dW = (dW_mat.T.reshape(F, C, kh, kw) if first else dW_mat.reshape(kh, kw, C, F).transpose(3, 2, 0, 1))
+        dW = np.ascontiguousarray(dW)
     if not input_grad:
         return None, dW, db
     if (sh, sw) == (1, 1):
         W_flip = W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)            # (C, F, kh, kw)
-        if conv_method(F, (kh, kw), (1, 1)) == "winograd":
+        if conv_method(dout, (kh, kw), (1, 1)) == "winograd":
             dx, _ = _winograd_conv(g, W_flip, (2 - ph, 2 - pw), work, "dout")
             return channels_first(dx), dW, db
         gp = _padded(g, (kh - 1 - ph, kw - 1 - pw), work, "dout")
         dx = np.empty((N, H, W_in, C), dout.dtype)
-        _conv_products(_windows(gp, (kh, kw), (1, 1)), W_flip.transpose(2, 3, 1, 0).reshape(kh * kw * F, C),
-                       dx, work, "dout")
+        _conv_products(_windows(gp, (kh, kw), (1, 1)), _filter_matrix(W_flip), dx, work, "dout")
         return channels_first(dx), dW, db
     W_mat = W.transpose(0, 2, 3, 1).reshape(F, kh * kw * C)
     padded_shape = (N, H + 2 * ph, W_in + 2 * pw, C)
@@ -425,25 +506,36 @@ _WINO_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]])
 
 def _winograd_conv(x, W, padding, work, name, bias=None):
     """3x3 stride-1 convolution of the channels-last x (N, H, W, C) with W
-    (F, C, 3, 3): returns y (N, OH, OW, F) (fresh) and V, the transformed
-    tiles of x (16, N*TH*TW, C), which the filter gradient reuses.
+    (F, C, 3, 3) -> y (N, OH, OW, F), fresh, and the padded input in column
+    planes (see ``_winograd_planes``), which the filter gradient reuses.
+    The tiles are transformed, multiplied and transformed back a block of
+    images at a time, so that the intermediate arrays stay in the L2 cache.
     A negative padding crops x (the input-gradient pass of a padding > 2)."""
-    ph, pw = padding
-    crop_h, crop_w = max(-ph, 0), max(-pw, 0)
-    if crop_h or crop_w:
-        x = x[:, crop_h:x.shape[1] - crop_h, crop_w:x.shape[2] - crop_w]
-        ph, pw = max(ph, 0), max(pw, 0)
-    N, H, W_in, C = x.shape
-    F = W.shape[0]
-    OH, OW = H + 2 * ph - 2, W_in + 2 * pw - 2
-    TH, TW = (OH + 1) // 2, (OW + 1) // 2                       # tiles: one per 2x2 output block
-    V = _winograd_input(x, (ph, pw), (TH, TW), work, name)
+    xp, (TH, TW) = _winograd_planes(x, padding, work, name)
+    N, F, C = x.shape[0], W.shape[0], W.shape[1]
+    OH, OW = _winograd_out_size(x.shape, padding)
     GG = np.kron(_WINO_G, _WINO_G).astype(W.dtype)               # (16, 9): U = G W G^T, flattened
     U = np.ascontiguousarray((W.reshape(F * C, 9) @ GG.T).reshape(F, C, 16).transpose(2, 1, 0))
-    M = np.matmul(V, U, out=work.get(f"{name}.products", (16, N * TH * TW, F), x.dtype))
-    if bias is not None:
-        M[5] += bias               # A^T's column 1 is (1, 1): M[1, 1] reaches every output exactly once
-    return _winograd_output(M, (N, TH, TW, F), (OH, OW), work, name), V
+    whole = (2 * TH, 2 * TW) == (OH, OW)
+    y = np.empty((N, OH, OW, F), W.dtype) if whole else work.get(f"{name}.blocks", (N, 2 * TH, 2 * TW, F), W.dtype)
+    for n0, n1 in _image_blocks(N, 16 * TH * TW * max(C, F) * W.itemsize):
+        V = _winograd_tiles(xp[n0:n1], work, name)
+        M = np.matmul(V, U, out=work.scratch(f"{name}.products", (16, V.shape[1], F), W.dtype))
+        if bias is not None:
+            M[5] += bias           # A^T's column 1 is (1, 1): M[1, 1] reaches every output exactly once
+        _winograd_output(M, y[n0:n1], work, name)
+    return (y if whole else np.ascontiguousarray(y[:, :OH, :OW])), xp
+
+
+def _winograd_out_size(x_shape, padding):
+    """(OH, OW) of a 3x3 stride-1 convolution of channels-last x; a negative padding crops."""
+    return x_shape[1] + 2 * padding[0] - 2, x_shape[2] + 2 * padding[1] - 2
+
+
+def _image_blocks(N, bytes_per_image):
+    """(n0, n1) ranges of images whose intermediate arrays take about CHUNK_BYTES."""
+    step = max(1, CHUNK_BYTES // max(bytes_per_image, 1))
+    return [(n, min(N, n + step)) for n in range(0, N, step)]
 
 
 def _to_column_planes(x, out, row0, col0):
@@ -452,7 +544,7 @@ def _to_column_planes(x, out, row0, col0):
     position w // 2. With even and odd columns apart, the Winograd transforms,
     which combine neighbouring columns, read long contiguous runs (whole rows
     of a plane) instead of one pixel's C values at a time."""
-    H, W_in = x.shape[1:3]
+    H = x.shape[1]
     for q in range(2):
         first = (q - col0) % 2                                    # first column with (col0 + w) % 2 == q
         cols = x[:, :, first::2]
@@ -460,20 +552,35 @@ def _to_column_planes(x, out, row0, col0):
         out[:, row0:row0 + H, q, start:start + cols.shape[2]] = cols
 
 
-def _winograd_input(x, padding, tiles, work, name):
-    """V = B^T d B for every 4x4 tile d (stride 2) of x zero-padded by
-    ``padding`` (and at the bottom/right up to whole tiles), as (16, T, C)."""
-    N, H, W_in, C = x.shape
-    (ph, pw), (TH, TW) = padding, tiles
-    xp = work.get(f"{name}.padded{ph},{pw}", (N, 2 * TH + 2, 2, TW + 1, C), x.dtype, zeros=True)
+def _winograd_planes(x, padding, work, name):
+    """x zero-padded by ``padding`` (and at the bottom/right up to whole
+    tiles) in column planes (N, 2*TH + 2, 2, TW + 1, C), and (TH, TW), the
+    number of 4x4 tiles (stride 2) down and across: one per 2x2 output block."""
+    ph, pw = padding
+    crop_h, crop_w = max(-ph, 0), max(-pw, 0)
+    if crop_h or crop_w:
+        x = x[:, crop_h:x.shape[1] - crop_h, crop_w:x.shape[2] - crop_w]
+        ph, pw = max(ph, 0), max(pw, 0)
+    OH, OW = _winograd_out_size(x.shape, (ph, pw))
+    TH, TW = (OH + 1) // 2, (OW + 1) // 2
+    N, C = x.shape[0], x.shape[3]
+    xp = work.get(f"{name}.planes{ph},{pw}", (N, 2 * TH + 2, 2, TW + 1, C), x.dtype, zeros=True)
     _to_column_planes(x, xp, ph, pw)                              # the border stays zero
-    t = work.get(f"{name}.rows", (4, N, TH, 2, TW + 1, C), x.dtype)
+    return xp, (TH, TW)
+
+
+def _winograd_tiles(xp, work, name):
+    """V = B^T d B for every 4x4 tile d of the planes xp (n, 2*TH + 2, 2, TW + 1, C),
+    as (16, n*TH*TW, C): V[4 * xi + nu] is one matrix of the 16 products."""
+    n, Hp, _, Wh, C = xp.shape
+    TH, TW = (Hp - 2) // 2, Wh - 1
+    t = work.scratch(f"{name}.rows", (4, n, TH, 2, Wh, C), xp.dtype)
     _winograd_bt([xp[:, a:a + 2 * TH:2] for a in range(4)], t)    # B^T along the rows: row a of every tile
-    even, odd = t[:, :, :, 0], t[:, :, :, 1]                      # (4, N, TH, TW + 1, C)
-    V = work.get(f"{name}.tiles", (4, 4, N, TH, TW, C), x.dtype)
+    even, odd = t[:, :, :, 0], t[:, :, :, 1]                      # (4, n, TH, TW + 1, C)
+    V = work.scratch(f"{name}.tiles", (4, 4, n, TH, TW, C), xp.dtype)
     _winograd_bt([even[..., :TW, :], odd[..., :TW, :], even[..., 1:, :], odd[..., 1:, :]],
                  [V[:, nu] for nu in range(4)])                   # then along the columns
-    return V.reshape(16, N * TH * TW, C)
+    return V.reshape(16, n * TH * TW, C)
 
 
 def _winograd_bt(d, out):
@@ -484,58 +591,66 @@ def _winograd_bt(d, out):
     np.subtract(d[1], d[3], out=out[3])
 
 
-def _winograd_output(M, tiles_shape, out_size, work, name):
-    """y = A^T M A for every tile: M (16, N*TH*TW, F) -> y (N, OH, OW, F), fresh."""
-    N, TH, TW, F = tiles_shape
-    OH, OW = out_size
-    M = M.reshape(4, 4, N, TH, TW, F)
-    s = work.get(f"{name}.sums", (2, 4, N, TH, TW, F), M.dtype)
+def _winograd_output(M, y, work, name):
+    """y (n, 2*TH, 2*TW, F) = A^T M A for every tile of M (16, n*TH*TW, F)."""
+    n, TH, TW, F = y.shape[0], y.shape[1] // 2, y.shape[2] // 2, y.shape[3]
+    M = M.reshape(4, 4, n, TH, TW, F)
+    s = work.scratch(f"{name}.sums", (2, 4, n, TH, TW, F), M.dtype)
     np.add(M[0], M[1], out=s[0])                                  # A^T along the rows
     s[0] += M[2]
     np.subtract(M[1], M[2], out=s[1])
     s[1] -= M[3]
-    t = work.get(f"{name}.pairs", (2, 2, N, TH, TW, F), M.dtype)
+    t = work.scratch(f"{name}.pairs", (2, 2, n, TH, TW, F), M.dtype)
     np.add(s[:, 0], s[:, 1], out=t[0])                            # then along the columns
     np.subtract(s[:, 1], s[:, 2], out=t[1])
-    even = (2 * TH, 2 * TW) == (OH, OW)
-    y = np.empty((N, OH, OW, F), M.dtype) if even else work.get(f"{name}.blocks", (N, 2 * TH, 2 * TW, F), M.dtype)
-    blocks = y.reshape(N, TH, 2, TW, 2, F)                        # y[n, 2i + a, 2j + b]
-    a_inner = (1, 2, 0, 3, 4)                                     # (a, N, TH, TW, F) -> (N, TH, a, TW, F)
+    blocks = y.reshape(n, TH, 2, TW, 2, F)                        # y[n, 2i + a, 2j + b]
+    a_inner = (1, 2, 0, 3, 4)                                     # (a, n, TH, TW, F) -> (n, TH, a, TW, F)
     np.add(t[0].transpose(a_inner), s[:, 2].transpose(a_inner), out=blocks[:, :, :, :, 0])
     np.subtract(t[1].transpose(a_inner), s[:, 3].transpose(a_inner), out=blocks[:, :, :, :, 1])
-    return y if even else np.ascontiguousarray(y[:, :OH, :OW])
 
 
-def _winograd_filter_grad(g, V, work):
+def _winograd_filter_grad(g, xp, work):
     """dW (F, C, 3, 3) from the output gradient g (N, OH, OW, F) and the
-    forward pass's transformed tiles V (16, T, C).
+    forward pass's padded input planes xp.
 
     The forward pass is linear in W per tile, with the 2x2 block w of g as
     its weights: dW = sum over tiles of G^T [ (A w A^T) * V ] G, i.e. 16
-    products Mw[k] = (A w A^T)[k]^T @ V[k] that sum over all tiles at once
-    (a long inner dimension: efficient), then a 4x4 -> 3x3 transform of the
-    small (F, C) result. A's last row (0, -1) is used as (0, 1) and the sign
-    is put back in that small transform.
+    products Mw[k] = (A w A^T)[k]^T @ V[k] summed over all tiles, then a 4x4
+    -> 3x3 transform of the small (F, C) result. V is recomputed block by
+    block from xp (cheaper than keeping it: 4x the input). A's last row
+    (0, -1) is used as (0, 1) and the sign is put back in the last transform.
     """
     N, OH, OW, F = g.shape
     TH, TW = (OH + 1) // 2, (OW + 1) // 2
+    C = xp.shape[-1]
     gp = work.get("dout.planes", (N, 2 * TH, 2, TW, F), g.dtype, zeros=True)   # zero rows/columns
     _to_column_planes(g, gp, 0, 0)                                             # up to whole blocks
-    g0, g1 = gp[:, 0::2], gp[:, 1::2]                             # rows 0 and 1 of every 2x2 block
-    r = work.get("dout.block_rows", (2, N, TH, 2, TW, F), g.dtype)
+    Mw = np.zeros((16, F, C), g.dtype)
+    for n0, n1 in _image_blocks(N, 16 * TH * TW * max(C, F) * g.itemsize):
+        V = _winograd_tiles(xp[n0:n1], work, "x")
+        U = _winograd_grad_tiles(gp[n0:n1], work)
+        Mw += np.matmul(U.transpose(0, 2, 1), V, out=work.scratch("dout.filter_products", (16, F, C), g.dtype))
+    Gs = _WINO_G * np.array([1, 1, 1, -1])[:, None]              # the folded sign
+    GG = np.kron(Gs, Gs).astype(g.dtype)                          # (16, 9): G^T Mw G, flattened
+    return (Mw.reshape(16, -1).T @ GG).reshape(F, C, 3, 3)
+
+
+def _winograd_grad_tiles(gp, work):
+    """A w A^T for every 2x2 block w of the gradient planes gp (n, 2*TH, 2, TW, F),
+    with A = (1 0; 1 1; 1 -1; 0 1), as (16, n*TH*TW, F)."""
+    n, TH2, _, TW, F = gp.shape
+    g0, g1 = gp[:, 0::2], gp[:, 1::2]                             # rows 0 and 1 of every block
+    r = work.scratch("dout.block_rows", (2, n, TH2 // 2, 2, TW, F), gp.dtype)
     np.add(g0, g1, out=r[0])
     np.subtract(g0, g1, out=r[1])
-    U = work.get("dout.block_tiles", (4, 4, N, TH, TW, F), g.dtype)
-    for xi, rows in enumerate((g0, r[0], r[1], g1)):              # A w A^T, A = (1 0; 1 1; 1 -1; 0 1)
+    U = work.scratch("dout.block_tiles", (4, 4, n, TH2 // 2, TW, F), gp.dtype)
+    for xi, rows in enumerate((g0, r[0], r[1], g1)):
         c0, c1 = rows[:, :, 0], rows[:, :, 1]
         np.copyto(U[xi, 0], c0)
         np.add(c0, c1, out=U[xi, 1])
         np.subtract(c0, c1, out=U[xi, 2])
         np.copyto(U[xi, 3], c1)
-    Mw = np.matmul(U.reshape(16, -1, F).transpose(0, 2, 1), V)  # (16, F, C)
-    Gs = _WINO_G * np.array([1, 1, 1, -1])[:, None]              # the folded sign
-    GG = np.kron(Gs, Gs).astype(g.dtype)                          # (16, 9): G^T Mw G, flattened
-    return (Mw.reshape(16, -1).T @ GG).reshape(F, -1, 3, 3)
+    return U.reshape(16, -1, F)
 
 
 # Max pooling: out[n, c, i, j] = max_{p, q} x[n, c, i*sh + p, j*sw + q].
@@ -743,7 +858,8 @@ def _channel_axes(x):
 
 
 # The vectorized cache: ``rows`` is x as an (m, C) matrix and ``center`` what is
-# subtracted from it to get deviations (the mean, or 0 when ``rows`` is already centred).
+# subtracted from it to get deviations from the mean (the mean itself, or a small
+# correction when ``rows`` holds x already centred on an estimate of the mean).
 BatchNormRowsCache = namedtuple("BatchNormRowsCache", "rows center gamma mean var inv_std")
 
 # One-pass variance E[x^2] - mean^2 loses digits when |mean| >> std; beyond this
@@ -764,13 +880,14 @@ def batchnorm_forward_vectorized(x, gamma, beta, eps=1e-5):
     var = np.einsum("ij,ij->j", X, X) / m - mean * mean
     rows, center = X, mean
     if np.any(mean * mean > _CANCELLATION * np.maximum(var, 0)):
-        rows = X - mean                                      # two-pass: exact for any offset
-        var, center = np.einsum("ij,ij->j", rows, rows) / m, np.zeros_like(mean)
+        rows = X - mean                      # deviations from a close estimate of the mean (nearly exact)
+        center = _column_sums(rows) / m      # the estimate's own rounding error, now small
+        var = np.einsum("ij,ij->j", rows, rows) / m - center * center
+        mean = mean + center
     var = np.maximum(var, 0)
     inv_std = 1 / np.sqrt(var + eps)
     scale = gamma * inv_std
-    y = rows * scale
-    y += beta - center * scale
+    y = _scale_shift(rows, scale, beta - center * scale)
     return _from_rows(y, x), BatchNormRowsCache(rows, center, gamma, mean, var, inv_std)
 
 
@@ -788,9 +905,15 @@ def batchnorm_backward_vectorized(dout, cache, input_grad=True):
         return None, dgamma, dbeta
     a = gamma * inv_std
     b = -a * inv_std * dgamma / m
-    dx = G * a
-    dx += X * b
-    dx += -a * dbeta / m - b * center
+    dx = np.empty_like(G)
+    Gw, Xw, dxw, (a, b, c) = _widen(G), _widen(X), _widen(dx), _tile(G, a, b, -a * dbeta / m - b * center)
+    chunks = _row_chunks(Gw)
+    t = np.empty_like(Gw[chunks[0]])
+    for rows in chunks:                               # each chunk's four operations stay in the cache
+        d = dxw[rows]
+        np.multiply(Gw[rows], a, out=d)
+        d += np.multiply(Xw[rows], b, out=t[:len(d)])
+        d += c
     return _from_rows(dx, dout), dgamma, dbeta
 
 

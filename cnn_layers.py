@@ -12,7 +12,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from cnn_core import (DEFAULT_DTYPE, Workspace, _from_rows, _pair, as_rows, avgpool_backward_loop,
+from cnn_core import (DEFAULT_DTYPE, Workspace, _from_rows, _pair, _scale_shift, as_rows, avgpool_backward_loop,
                       avgpool_backward_vectorized, avgpool_forward_loop, avgpool_forward_vectorized,
                       batchnorm_backward_loop, batchnorm_backward_vectorized, batchnorm_forward_loop,
                       batchnorm_forward_vectorized, check_input, check_labels, conv2d_backward_loop,
@@ -31,7 +31,13 @@ class Layer:
     keys and shapes. ``buffers`` holds state that is saved but not trained
     (batch-norm running statistics). ``config()`` returns the constructor
     arguments (used by ``Sequential.save``).
+
+    ``trainable`` (default True): set it to False to freeze the layer's
+    parameters (e.g. ``cnn_model.whitening_conv``): optimisers, weight decay,
+    gradient clipping and ``Sequential.initialize`` leave them alone, and
+    ``Sequential.save`` records the flag with the architecture.
     """
+    trainable = True          # a class default, so every subclass has it without calling __init__
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -374,9 +380,7 @@ class BatchNorm(Layer):
         gamma, beta = self.params["gamma"], self.params["beta"]
         if not training:               # y = x * scale + shift per channel, on the (m, C) rows of x
             scale = gamma / np.sqrt(self.buffers["running_var"] + self.eps)
-            y = as_rows(x) * scale
-            y += beta - self.buffers["running_mean"] * scale
-            return _from_rows(y, x)
+            return _from_rows(_scale_shift(as_rows(x), scale, beta - self.buffers["running_mean"] * scale), x)
         out, cache = self.functions[self.impl].forward(x, gamma, beta, self.eps)
         mean, var = cache.mean, cache.var
         m = x.size // x.shape[1]
@@ -474,6 +478,22 @@ class Tanh(Activation):
 
     def grad(self, x, y, dout):
         return dout * (1 - y * y)
+
+
+class GELU(Activation):
+    """Gaussian error linear unit (Hendrycks & Gimpel 2016), x * Phi(x), in its
+    tanh form (NumPy has no erf): y = x/2 * (1 + tanh(u)), u = c * (x + a x^3),
+    c = sqrt(2 / pi), a = 0.044715;
+    dx = dout * (1/2 * (1 + tanh(u)) + x/2 * (1 - tanh(u)^2) * c * (1 + 3 a x^2)).
+    A smooth ReLU: slightly negative for x < 0, with a gradient everywhere."""
+    C, A = math.sqrt(2 / math.pi), 0.044715
+
+    def f(self, x):
+        return 0.5 * x * (1 + np.tanh(self.C * (x + self.A * x * x * x)))
+
+    def grad(self, x, y, dout):
+        t = np.tanh(self.C * (x + self.A * x * x * x))
+        return dout * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * self.C * (1 + 3 * self.A * x * x))
 
 
 class Flatten(Layer):
@@ -576,14 +596,23 @@ def rows_as_sequence(x):
 # ---------------------------------------------------------------------------
 
 class SoftmaxCrossEntropy:
-    """Mean cross-entropy of softmax(logits) against integer labels.
+    """Mean cross-entropy of softmax(logits) against integer labels, with
+    optional label smoothing (Szegedy et al. 2016).
 
-    loss = -(1/N) sum_n log softmax(z_n)[y_n], with log softmax computed as
-    z - max(z) - log(sum(exp(z - max(z)))) so any logit size is safe.
-    backward: dz = (softmax(z) - onehot(y)) / N.
+    Targets t = (1 - eps) * onehot(y) + eps / K for K classes (``eps`` =
+    ``label_smoothing``, in [0, 1)); loss = -(1/N) sum_n sum_k t[n, k] log p[n, k]
+    with p = softmax(z), log p computed as z - max(z) - log(sum(exp(z - max(z))))
+    so any logit size is safe. backward: dz = (p - t) / N.
+    With eps = 0 (the default) t is the one-hot vector: loss = -(1/N) sum_n log p[n, y_n]
+    and dz = (p - onehot(y)) / N, computed exactly as before label smoothing existed.
     """
 
-    def __init__(self):
+    def __init__(self, label_smoothing=0.0):
+        eps = label_smoothing
+        if isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating)) \
+                or not 0 <= eps < 1:
+            raise ValueError(f"SoftmaxCrossEntropy: label_smoothing must be a number in [0, 1), got {eps!r}")
+        self.label_smoothing = float(eps)
         self._cache = None
 
     def forward(self, logits, labels):
@@ -593,13 +622,22 @@ class SoftmaxCrossEntropy:
         log_probs = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
         rows = np.arange(len(labels))
         self._cache = (log_probs, labels)
-        return float(-log_probs[rows, labels].mean())
+        if not self.label_smoothing:
+            return float(-log_probs[rows, labels].mean())
+        # sum_k t_k log p_k = (1 - eps) log p_y + (eps / K) sum_k log p_k
+        eps, K = self.label_smoothing, logits.shape[1]
+        return float(-((1 - eps) * log_probs[rows, labels] + eps / K * log_probs.sum(axis=1)).mean())
 
     def backward(self):
         if self._cache is None:
             raise RuntimeError("SoftmaxCrossEntropy: backward() called before forward()")
         log_probs, labels = self._cache
         dlogits = np.exp(log_probs)
-        dlogits[np.arange(len(labels)), labels] -= 1
+        rows, eps = np.arange(len(labels)), self.label_smoothing
+        if eps:                             # p - t = p - eps / K - (1 - eps) onehot
+            dlogits -= eps / log_probs.shape[1]
+            dlogits[rows, labels] -= 1 - eps
+        else:
+            dlogits[rows, labels] -= 1
         dlogits /= len(labels)
         return dlogits

@@ -8,13 +8,14 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from cnn_core import DEFAULT_DTYPE, softmax
 from cnn_files import save_npz
-from cnn_layers import (LAYER_TYPES, Activation, BatchNorm, Conv1D, Conv2D, Dense, Dropout, Flatten,
+from cnn_layers import (GELU, LAYER_TYPES, Activation, BatchNorm, Conv1D, Conv2D, Dense, Dropout, Flatten,
                         Layer, LeakyReLU, MaxPool1D, MaxPool2D, ParamLayer, ReLU, _check_impl)
 from cnn_layers import RowsToSequence
-from cnn_rnn import GRU        # also registers GRU in LAYER_TYPES, so saved GRU models load
+from cnn_rnn import GRU, StepDense    # importing cnn_rnn registers its layers: saved GRU models load
 
 # ---------------------------------------------------------------------------
 # Input checks shared by predict, fit and evaluate
@@ -105,6 +106,20 @@ def read_npz(path):
     raise ValueError(problem)
 
 
+TTA_MODES = (None, "flip")
+
+
+def check_tta(tta, x, where):
+    """Raise ``ValueError`` unless ``tta`` is one of ``TTA_MODES`` and fits ``x``
+    ("flip" mirrors images left-right, so it needs (N, C, H, W))."""
+    if not any(tta is mode or (isinstance(tta, str) and tta == mode) for mode in TTA_MODES):
+        raise ValueError(f"{where}: tta must be None (no test-time augmentation) or 'flip' (the mean of the "
+                         f"logits of each image and its mirror), got {tta!r}")
+    if tta == "flip" and np.ndim(x) != 4:
+        raise ValueError(f"{where}: tta='flip' mirrors images left-right and needs (N, C, H, W) input, "
+                         f"got shape {np.shape(x)}")
+
+
 def check_batch_size(batch_size, where):
     """Raise ``ValueError`` unless ``batch_size`` is a positive integer."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -115,9 +130,11 @@ class Sequential:
     """A stack of layers applied in order.
 
     With an int ``seed`` every ``ParamLayer`` is (re)initialised from one
-    generator: He when the next activation is a ReLU or LeakyReLU, Glorot
+    generator: He when the next activation is a ReLU, LeakyReLU or GELU, Glorot
     otherwise (Sigmoid, Tanh, or the output layer); every ``Dropout`` gets its
     own stream of the same seed. ``seed=None`` keeps the layers as they are.
+    Frozen layers (``layer.trainable = False``) are never re-initialised: their
+    weights were set on purpose (e.g. ``whitening_conv``).
     """
 
     def __init__(self, layers, seed=0):
@@ -131,7 +148,7 @@ class Sequential:
     def initialize(self, seed):
         rng = np.random.default_rng(seed)
         for i, layer in enumerate(self.layers):
-            if isinstance(layer, ParamLayer):
+            if isinstance(layer, ParamLayer) and layer.trainable:
                 layer.initialize(rng, self._init_scheme(i))
             elif isinstance(layer, Dropout):
                 layer.rng = np.random.default_rng([seed, i])
@@ -141,7 +158,7 @@ class Sequential:
             if isinstance(layer, ParamLayer):
                 break
             if isinstance(layer, Activation):
-                return "he" if isinstance(layer, (ReLU, LeakyReLU)) else "glorot"
+                return "he" if isinstance(layer, (ReLU, LeakyReLU, GELU)) else "glorot"
         return "glorot"
 
     def forward(self, x, training=True):
@@ -155,16 +172,33 @@ class Sequential:
 
         Training needs no input gradient: with ``input_grad=False`` a first layer
         with parameters skips it (one product and a col2im fewer) and None is returned.
+        Frozen layers in front of the first trained one (``trainable = False``,
+        e.g. a ``whitening_conv`` stem, and the parameter-free layers after it)
+        then get no backward pass at all: no parameter below them is trained,
+        and their ``grads`` are left as they were.
         """
-        for layer in reversed(self.layers[1:]):
+        start = 0 if input_grad else self._first_trained_layer()
+        for layer in reversed(self.layers[start + 1:]):
             dout = layer.backward(dout)
-        first = self.layers[0]
-        return first.backward(dout, input_grad=False) if not input_grad and isinstance(first, ParamLayer) \
-            else first.backward(dout)
+        first = self.layers[start]
+        if not input_grad and isinstance(first, ParamLayer):
+            return first.backward(dout, input_grad=False)
+        dx = first.backward(dout)
+        return dx if start == 0 else None
 
-    def parameters(self):
-        """Yield ``(key, param, grad)`` for every parameter; key is 'layer_index.name'."""
+    def _first_trained_layer(self):
+        """Index of the first layer with trainable parameters (0 when there is none)."""
         for i, layer in enumerate(self.layers):
+            if layer.trainable and layer.params:
+                return i
+        return 0
+
+    def parameters(self, trainable_only=False):
+        """Yield ``(key, param, grad)`` for every parameter; key is 'layer_index.name'.
+        ``trainable_only``: skip frozen layers (``layer.trainable = False``), as optimisers do."""
+        for i, layer in enumerate(self.layers):
+            if trainable_only and not layer.trainable:
+                continue
             for name, param in layer.params.items():
                 yield f"{i}.{name}", param, layer.grads.get(name)
 
@@ -190,28 +224,45 @@ class Sequential:
                 layer.impl = impl
         return self
 
-    def predict_proba(self, x, batch_size=64):
+    def logits(self, x, tta=None):
+        """Evaluation-mode logits (N, K) of one batch ``x`` that is ready for
+        ``forward`` (see ``prepare_batch``), with optional test-time augmentation:
+        ``tta=None``: ``forward(x, training=False)``, nothing else;
+        ``tta="flip"``: the mean of the LOGITS (not of the probabilities) of x
+        and of its left-right mirror x[..., ::-1]; images (N, C, H, W) only.
+        """
+        check_tta(tta, x, "predict")
+        logits = self.forward(x, training=False)
+        if tta == "flip":
+            logits = (logits + self.forward(np.ascontiguousarray(x[..., ::-1]), training=False)) / 2
+        return logits
+
+    def predict_proba(self, x, batch_size=64, tta=None):
         """Class probabilities (N, K), computed in batches: small batches keep each
         layer's im2col matrix in cache (64 measured fastest on a 2-core CPU).
 
         x: (N, ...) floats, or uint8 images 0..255 (each batch becomes the model's
         dtype divided by 255). NaN or inf in x raises ``ValueError``.
+        ``tta="flip"``: test-time augmentation, softmax of the mean of the logits
+        of each image and its left-right mirror (``logits``); None: no augmentation.
         """
         x = as_batch_array(x, "predict")
         check_batch_size(batch_size, "predict")
         if len(x) == 0:
             raise ValueError(f"predict: received an empty batch, shape {np.shape(x)}")
+        check_tta(tta, x, "predict")
         check_finite(x, "predict")
-        return np.concatenate([softmax(self.forward(prepare_batch(x[i:i + batch_size], self.dtype), training=False))
+        return np.concatenate([softmax(self.logits(prepare_batch(x[i:i + batch_size], self.dtype), tta))
                                for i in range(0, len(x), batch_size)])
 
-    def predict(self, x, batch_size=64):
-        """Predicted class indices (N,)."""
-        return self.predict_proba(x, batch_size).argmax(axis=1)
+    def predict(self, x, batch_size=64, tta=None):
+        """Predicted class indices (N,); ``tta`` as in ``predict_proba`` (the mean of logits)."""
+        return self.predict_proba(x, batch_size, tta).argmax(axis=1)
 
-    def num_params(self):
-        """Total number of trained parameters (every ``W``, ``b``, ``gamma``, ``beta``)."""
-        return sum(param.size for _, param, _ in self.parameters())
+    def num_params(self, trainable_only=False):
+        """Number of parameters (every ``W``, ``b``, ``gamma``, ``beta``);
+        ``trainable_only``: only those of layers that are not frozen."""
+        return sum(param.size for _, param, _ in self.parameters(trainable_only))
 
     def summary(self, input_shape):
         """A table of each layer's output shape and parameter count.
@@ -224,15 +275,17 @@ class Sequential:
             x = layer.forward(x, training=False)
             count = sum(p.size for p in layer.params.values())
             total += count
-            rows.append((layer.label(), str(x.shape[1:]), f"{count:,}" if count else ""))
+            label = layer.label() + ("" if layer.trainable else " (frozen)")
+            rows.append((label, str(x.shape[1:]), f"{count:,}" if count else ""))
         widths = [max(len(r[k]) for r in rows) for k in range(3)]
         lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}" for r in rows]
         rule = "-" * len(lines[0])
         return "\n".join([rule, *lines, rule, f"total parameters: {total:,}"])
 
     def state_arrays(self):
-        """The architecture (as JSON) and every parameter, as a dict of arrays."""
-        architecture = [{"type": type(layer).__name__, "config": layer.config()}
+        """The architecture (as JSON: each layer's type, config and trainable flag)
+        and every parameter, as a dict of arrays."""
+        architecture = [{"type": type(layer).__name__, "config": layer.config(), "trainable": layer.trainable}
                         for layer in self.layers]
         arrays = {"architecture": np.array(json.dumps(architecture))}
         arrays.update({f"param.{key}": param for key, param, _ in self.parameters()})
@@ -249,6 +302,12 @@ class Sequential:
         try:
             architecture = json.loads(str(arrays["architecture"]))
             layers = [LAYER_TYPES[spec["type"]](**spec["config"]) for spec in architecture]
+            for layer, spec in zip(layers, architecture):
+                trainable = spec.get("trainable", True)          # files written before the flag: trained
+                if not isinstance(trainable, bool):
+                    raise ValueError(f"trainable must be true or false, got {trainable!r}")
+                if not trainable:
+                    layer.trainable = False
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"not a saved Sequential model (bad architecture record: {err})") from err
         model = cls(layers, seed=None)
@@ -321,6 +380,14 @@ def mnist_cnn(**overrides):
     return conv_net(**overrides)
 
 
+def mnist_net_v2(seed=0, **overrides):
+    """The network of the MNIST recipe (``cnn_train.mnist_recipe``, /work/notes/mnist_recipe.md):
+    ``conv_net`` with three blocks of 32, 64, 128 channels, each conv 3x3 -> BatchNorm -> ReLU ->
+    max-pool 2 (28 -> 14 -> 7 -> 3), then dense 1152 -> 128 -> ReLU -> dropout 0.25 -> dense 128 -> 10.
+    Keyword arguments override ``conv_net``'s."""
+    return conv_net(**{"channels": (32, 64, 128), "batchnorm": True, "seed": seed, **overrides})
+
+
 def conv_net_for(data, **overrides):
     """``conv_net`` sized by a dataset: ``in_channels`` and ``input_size`` from
     ``data.x_train`` (N, C, H, W), ``num_classes`` from ``len(data.class_names)``;
@@ -335,23 +402,160 @@ def conv_net_for(data, **overrides):
 
 
 def rows_gru_net(in_channels=1, input_size=28, hidden=128, bidirectional=False, read="last",
-                 dropout=0.0, num_classes=10, impl="vectorized", seed=0, dtype=DEFAULT_DTYPE):
+                 row_features=0, dropout=0.0, num_classes=10, impl="vectorized", seed=0, dtype=DEFAULT_DTYPE):
     """Images read row by row by a GRU (``cnn_rnn``): RowsToSequence(layout="NTD")
-    -> GRU(W*C -> ``hidden``, optionally ``bidirectional``) -> [Dropout] -> Dense to logits.
+    -> [StepDense(W*C -> ``row_features``) -> ReLU] -> GRU(-> ``hidden``, optionally
+    ``bidirectional``) -> [Dropout] -> Dense to logits.
 
-    ``read="last"``: the classifier sees the last hidden state only (N, H), the
-    classic sequence classifier; ``read="all"``: it sees every step's state,
-    flattened (N, T*H), so no row has to survive the whole recurrence.
+    ``row_features`` > 0 adds a learned non-linear encoder of each row (the same
+    for every row) in front of the recurrence. ``read="last"``: the classifier
+    sees the last hidden state only (N, H), the classic sequence classifier;
+    ``read="all"``: it sees every step's state, flattened (N, T*H), so no row
+    has to survive the whole recurrence.
     """
     if read not in ("last", "all"):
         raise ValueError(f"rows_gru_net: read must be 'last' or 'all', got {read!r}")
     directions = 2 if bidirectional else 1
     steps, features = input_size, input_size * in_channels          # T rows of W*C values
-    layers = [RowsToSequence(layout="NTD"),
-              GRU(features, hidden, return_sequences=(read == "all"), bidirectional=bidirectional,
-                  impl=impl, seed=seed, dtype=dtype)]
+    layers = [RowsToSequence(layout="NTD")]
+    if row_features:
+        layers += [StepDense(features, row_features, impl=impl, dtype=dtype), ReLU(impl=impl)]
+        features = row_features
+    layers.append(GRU(features, hidden, return_sequences=(read == "all"), bidirectional=bidirectional,
+                      impl=impl, seed=seed, dtype=dtype))
     width = directions * hidden * (steps if read == "all" else 1)
     layers += [Flatten()] if read == "all" else []
     layers += [Dropout(dropout)] if dropout else []
     layers.append(Dense(width, num_classes, impl=impl, dtype=dtype))
+    return Sequential(layers, seed=seed)
+
+
+# ---------------------------------------------------------------------------
+# Whitening initialisation and the CIFAR-10 network
+# ---------------------------------------------------------------------------
+
+def _positive_int(where, name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{where}: {name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _patch_rows(x, k):
+    """Every k x k patch of the images x (n, C, H, W) as one row (n*(H-k+1)*(W-k+1), C*k*k),
+    entries in the order of a Conv2D filter W[f] (channel, row, column)."""
+    windows = sliding_window_view(x, (k, k), axis=(2, 3))            # (n, C, H', W', k, k)
+    return windows.transpose(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * k * k)
+
+
+def whitening_conv(x, kernel_size=2, eps=5e-4, impl="vectorized", dtype=DEFAULT_DTYPE):
+    """A frozen ``Conv2D(C, 2*C*k*k, k, padding=0)`` that whitens the k x k
+    patches of images like ``x`` (whitening initialisation, as in Page's and
+    Jordan's fast CIFAR-10 training).
+
+    x: (N, C, H, W) training images, floats or uint8 (scaled by 1/255 as ``fit``
+    does), H, W >= k. The images are standardised per channel (z = (x - m_c) / s_c),
+    every k x k patch p of z becomes a vector of D = C*k*k values, and Sigma
+    = Cov(p) = V diag(lambda) V^T. Filter i is v_i / sqrt(lambda_i + eps)
+    (strongest eigenvalue first) with bias -v_i . mean(p) / sqrt(lambda_i + eps),
+    so on the data its outputs have mean 0 and covariance
+    diag(lambda / (lambda + eps)), about the identity (``eps`` in standardised
+    units damps the directions of tiny variance, i.e. noise). The
+    standardisation is folded into the weights and bias, so the layer takes the
+    images as ``fit`` gives them. Filters D..2D-1 are the negatives of 0..D-1,
+    so a following ReLU keeps both signs of every component.
+    The covariance is accumulated exactly over all of x (in float64, in chunks):
+    pass a few thousand images. The layer has ``trainable = False``.
+    """
+    x = as_batch_array(x, "whitening_conv")
+    k = _positive_int("whitening_conv", "kernel_size", kernel_size)
+    if not (isinstance(eps, (int, float, np.floating)) and not isinstance(eps, bool)
+            and np.isfinite(eps) and eps > 0):
+        raise ValueError(f"whitening_conv: eps must be a finite number > 0, got {eps!r}")
+    if x.ndim != 4 or len(x) == 0 or min(x.shape[2:]) < k:
+        raise ValueError(f"whitening_conv: x must be a non-empty batch of images (N, C, H, W) with H, W >= "
+                         f"kernel_size ({k}), got shape {x.shape}")
+    if not (x.dtype == np.uint8 or np.issubdtype(x.dtype, np.floating)):
+        raise ValueError(f"whitening_conv: x must hold floats or uint8 images, got dtype {x.dtype}")
+    check_finite(x, "whitening_conv")
+    N, C, H, W = x.shape
+    D = C * k * k
+    chunk = max(1, (1 << 18) // ((H - k + 1) * (W - k + 1)))       # about 2**18 patches per product
+    images = lambda: (prepare_batch(x[i:i + chunk], np.float64).astype(np.float64, copy=False)
+                      for i in range(0, N, chunk))
+    # per-channel standardisation, then the patch mean and second moment of z
+    pixels, m = 0, np.zeros(C)
+    sq = np.zeros(C)
+    for xb in images():
+        pixels += xb.size // C
+        m += xb.sum(axis=(0, 2, 3))
+        sq += (xb * xb).sum(axis=(0, 2, 3))
+    m /= pixels
+    s = np.sqrt(np.maximum(sq / pixels - m * m, 0))
+    s[s == 0] = 1                                  # a constant channel: nothing to scale
+    count, total, outer = 0, np.zeros(D), np.zeros((D, D))
+    for xb in images():
+        p = _patch_rows((xb - m[:, None, None]) / s[:, None, None], k)
+        count += len(p)
+        total += p.sum(axis=0)
+        outer += p.T @ p
+    mu = total / count
+    cov = outer / count - np.outer(mu, mu)
+    lam, V = np.linalg.eigh((cov + cov.T) / 2)
+    lam, V = np.maximum(lam[::-1], 0), V[:, ::-1]                 # strongest first
+    filters = (V / np.sqrt(lam + eps)).T                            # (D, D): filter i is row i, on z
+    bias = -filters @ mu
+    # z = (x - m_c) / s_c: W z + b = (W / s_c) x + (b - sum W m_c / s_c)
+    Wz = filters.reshape(D, C, k, k)
+    Wx = Wz / s[None, :, None, None]
+    bias = bias - (Wz * (m / s)[None, :, None, None]).sum(axis=(1, 2, 3))
+    layer = Conv2D(C, 2 * D, k, padding=0, impl=impl, dtype=dtype)
+    layer.params["W"][...] = np.concatenate([Wx, -Wx])
+    layer.params["b"][...] = np.concatenate([bias, -bias])
+    layer.trainable = False
+    return layer
+
+
+def cifar_net(widths=(64, 128, 256), whiten=None, num_classes=10, input_size=32, in_channels=3, seed=0,
+              eps=5e-4, impl="vectorized", dtype=DEFAULT_DTYPE):
+    """The fast CIFAR-10 network (after Page's and Jordan's airbench):
+
+    stem: 2x2 conv C -> 8C (padding 0) -> ReLU; then for each width w of ``widths``:
+    conv 3x3 -> max-pool 2 -> BatchNorm -> ReLU -> conv 3x3 -> BatchNorm -> ReLU;
+    then a global max pool (MaxPool2D over the remaining size), Flatten and
+    Dense(widths[-1] -> num_classes).
+
+    ``whiten``: None for a stem trained from a random (He) start, or a sample
+    of training images (N, C, H, W) for ``whitening_conv(whiten, 2, eps)``, a
+    frozen stem with the same shape. x: (N, in_channels, input_size, input_size)
+    floats or uint8; any size works as long as each pool has at least one pixel
+    (the remaining size is computed: 32 -> 31 -> 15 -> 7 -> 3 -> 1).
+    """
+    where = "cifar_net"
+    widths = tuple(widths) if isinstance(widths, (tuple, list)) else widths
+    if not isinstance(widths, tuple) or not widths:
+        raise ValueError(f"{where}: widths must be a non-empty tuple of positive integers, got {widths!r}")
+    for w in widths:
+        _positive_int(where, "each width", w)
+    num_classes = _positive_int(where, "num_classes", num_classes)
+    size = _positive_int(where, "input_size", input_size)
+    in_channels = _positive_int(where, "in_channels", in_channels)
+    if whiten is None:
+        stem = Conv2D(in_channels, 8 * in_channels, 2, padding=0, impl=impl, dtype=dtype)
+    else:
+        stem = whitening_conv(whiten, 2, eps=eps, impl=impl, dtype=dtype)
+        if stem.in_channels != in_channels:
+            raise ValueError(f"{where}: the whitening sample has {stem.in_channels} channels but "
+                             f"in_channels is {in_channels}")
+    layers, c, size = [stem, ReLU(impl=impl)], stem.out_channels, size - 1
+    for w in widths:
+        layers += [Conv2D(c, w, 3, padding=1, impl=impl, dtype=dtype), MaxPool2D(2, impl=impl),
+                   BatchNorm(w, impl=impl, dtype=dtype), ReLU(impl=impl),
+                   Conv2D(w, w, 3, padding=1, impl=impl, dtype=dtype), BatchNorm(w, impl=impl, dtype=dtype),
+                   ReLU(impl=impl)]
+        size //= 2
+        if size < 1:
+            raise ValueError(f"{where}: input_size {input_size} is too small for {len(widths)} blocks "
+                             f"(each halves the size after the 2x2 stem); use fewer widths or larger images")
+        c = w
+    layers += [MaxPool2D(size, impl=impl), Flatten(), Dense(c, num_classes, impl=impl, dtype=dtype)]
     return Sequential(layers, seed=seed)

@@ -5,7 +5,8 @@ that follows them one example and one time step at a time, then the
 *vectorized* version that does the same maths fast, then the layer class.
 
 1. the GRU maths: forward and backward, loop and vectorized,
-2. the ``GRU`` layer (``return_sequences``, ``bidirectional``, orthogonal init).
+2. the ``GRU`` layer (``return_sequences``, ``bidirectional``, orthogonal init) and
+   ``StepDense``, one dense layer applied to every time step (a learned row encoder).
 
 Conventions
 -----------
@@ -27,7 +28,7 @@ from collections import namedtuple
 import numpy as np
 
 from cnn_core import DEFAULT_DTYPE, check_input
-from cnn_layers import Layer, Maths, _check_impl
+from cnn_layers import Dense, Layer, Maths, ParamLayer, _check_impl
 
 # ---------------------------------------------------------------------------
 # 1. GRU maths
@@ -353,3 +354,51 @@ class GRU(Layer):
                 d_x = grads.dx if prefix == "" else grads.dx[:, ::-1]
                 dx = d_x if dx is None else dx + d_x
         return dx
+
+
+def _per_step(maths):
+    """Turn dense maths on (N, D) into the same maths on every step of (N, T, D):
+    the N*T steps are N*T rows of one (N*T, D) matrix, so the loop and vectorized
+    dense code serve unchanged (as ``cnn_layers`` does for Conv1D)."""
+    def forward(x, W, b):
+        N, T, D = x.shape
+        out, cache = maths.forward(x.reshape(N * T, D), W, b)
+        return out.reshape(N, T, -1), (cache, N, T)
+
+    def backward(dout, cache, input_grad=True):
+        inner, N, T = cache
+        dx, dW, db = maths.backward(dout.reshape(N * T, -1), inner, input_grad)
+        return (None if dx is None else dx.reshape(N, T, -1)), dW, db
+
+    return Maths(forward, backward)
+
+
+class StepDense(ParamLayer):
+    """The same fully connected layer applied to every time step.
+    x: (N, T, in_features) -> (N, T, out_features): out[n, t] = x[n, t] W + b.
+
+    Followed by a ReLU it is a learned, non-linear encoder of each row before
+    the recurrence (it sees one row at a time: only the GRU relates rows).
+    ``params["W"]``: (in_features, out_features), ``params["b"]``: (out_features,).
+    """
+    functions = {impl: _per_step(maths) for impl, maths in Dense.functions.items()}
+
+    def __init__(self, in_features, out_features, impl="vectorized", init="he", seed=None,
+                 dtype=DEFAULT_DTYPE):
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        if self.in_features < 1 or self.out_features < 1:
+            raise ValueError(f"StepDense sizes must be >= 1, got {in_features}, {out_features}")
+        super().__init__((in_features, out_features), in_features, out_features, out_features,
+                         impl, init, seed, dtype)
+
+    def config(self):
+        return dict(in_features=self.in_features, out_features=self.out_features, impl=self.impl)
+
+    def check(self, x):
+        check_input(x, "StepDense", "NTD")
+        if x.shape[2] != self.in_features:
+            raise ValueError(f"StepDense: expected {self.in_features} features per time step (N, T, D), "
+                             f"got shape {x.shape}")
+
+    def label(self):
+        return f"StepDense {self.in_features}->{self.out_features}"

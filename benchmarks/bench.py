@@ -1,17 +1,22 @@
-"""Benchmark of the NumPy CNN in ``cnn_core.py``, all figures from ONE run so machine noise cancels.
+"""Speed benchmark of the NumPy CNN: every network, every layer, all figures from ONE run.
 
-    python benchmarks/bench.py            # full run (a few minutes), writes benchmarks/results.json
-    python benchmarks/bench.py --quick    # smoke run for tests/CI (< 1 min), no epoch/memory subprocess
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE make bench     # the recorded run (see README.md)
+    python benchmarks/bench.py                  # full run (about 5 minutes), writes benchmarks/results.json
+    python benchmarks/bench.py --quick          # smoke run for CI (< 1 min), no epochs
+    python benchmarks/bench.py --markdown       # print the README's speed table from results.json
 
-Measures: the float32 GEMM rate (reference ceiling), training and inference speed of the default
-MNIST network on synthetic data, multiply-adds per layer and the achieved GFLOP/s, vectorized vs
-loop time per layer, and the peak memory and duration of a 60,000-image training epoch.
-Medians over repeats unless said otherwise. See benchmarks/README.md.
+For each network in NETWORKS (one line each): a training step and inference at batch 64 as
+GFLOP/s and as a fraction of the float32 2048^3 GEMM rate measured in the same run; per layer,
+forward and backward milliseconds and GFLOP/s beside a GEMM of that layer's own shape; a
+training epoch (seconds, peak memory) in a subprocess. Medians over repeats. See README.md here.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import glob
 import hashlib
+import importlib
 import inspect
 import json
 import os
@@ -21,29 +26,71 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-import cnn_core as C  # noqa: E402
-import cnn_layers as L  # noqa: E402
-import cnn_model as M  # noqa: E402
-import cnn_train as T  # noqa: E402
-import cnn_files as F  # noqa: E402
-
 BATCH = 64
-IMAGE_SHAPE = (1, 28, 28)                 # one MNIST image, NCHW without N
-EPOCH_IMAGES = 60_000
-TARGETS = {"training_fraction_of_gemm": 0.25, "inference_fraction_of_gemm": 0.30,
-           "loop_speedup_conv_pool": 100.0, "epoch_peak_rss_mb": 1000.0}
-FULL = dict(gemm_repeats=7, warmup=10, steps=100, infer_images=10_000, infer_repeats=3,
-            layer_repeats=7, loop_batch=2, loop_min_s=0.2)
-QUICK = dict(gemm_repeats=3, warmup=3, steps=20, infer_images=2_000, infer_repeats=1,
-             layer_repeats=3, loop_batch=1, loop_min_s=0.0)
+BLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+
+
+# ----------------------------------------------------------------------------- the networks
+
+@dataclass
+class Epoch:
+    """One ``cnn_train.fit`` epoch on synthetic data, as the report trains the network."""
+    images: int
+    optimizer: str                    # an expression in T, e.g. "T.Adam(1e-3)"
+    augment: str = "None"             # an expression in T, e.g. "T.augmentation(crop=2)"
+    targets: dict = field(default_factory=dict)
+
+
+@dataclass
+class Network:
+    description: str
+    build: str                        # an expression in M and L that builds the model
+    input_shape: tuple                # one example, NCHW without N
+    targets: dict = field(default_factory=dict)
+    epoch: Epoch | None = None
+
+
+CIFAR = ("M.conv_net(in_channels=3, input_size=32, channels=(32, 64, 128), convs_per_block=2, "
+         "batchnorm=True, hidden=0, dropout=0.3, seed=0)")
+CIFAR_SGD = "T.SGD(0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)"
+# One line per network. The accuracy issue's final network goes here too; for now it is "cifar".
+NETWORKS = {
+    "mnist": Network("MNIST default network (mnist_cnn)", "M.mnist_cnn(seed=0)", (1, 28, 28),
+                     {"training_fraction_of_gemm": 0.30, "inference_fraction_of_gemm": 0.45},
+                     Epoch(55_000, "T.Adam(1e-3)", "T.augmentation(crop=2)", {"seconds": 10.0})),
+    "cifar": Network("CIFAR network (notebook 4: 3 blocks of 2 x conv-BN-ReLU, 32/64/128 channels)", CIFAR,
+                     (3, 32, 32), {"training_fraction_of_gemm": 0.45, "inference_fraction_of_gemm": 0.45},
+                     Epoch(45_000, CIFAR_SGD, "T.augmentation(crop=4, flip=True)",
+                           {"seconds": 60.0, "peak_rss_mb": 2000.0})),
+    "rows": Network("row-sequence network (notebook 4: rows as 32 vectors of 96, Conv1D 128/256)",
+                    "M.Sequential([L.RowsToSequence()] + M.conv_net(in_channels=96, input_size=32, "
+                    "channels=(128, 256), convs_per_block=2, batchnorm=True, hidden=0, dropout=0.3, "
+                    "dims=1, seed=0).layers, seed=0)", (3, 32, 32)),
+}
+STEP_OPTIMIZER = "T.SGD(0.01, momentum=0.9)"           # the training step: SGD with momentum
+LOOP_NETWORK, LOOP_SPEEDUP_TARGET = "mnist", 100.0       # loop vs vectorized, conv and pool layers
+
+FULL = dict(gemm_repeats=7, warmup=5, steps=60, infer_images=5_000, infer_repeats=5, layer_repeats=15,
+            gemm_shape_repeats=5, loop_batch=2, loop_min_s=0.2, epochs=True)
+QUICK = dict(gemm_repeats=3, warmup=2, steps=6, infer_images=512, infer_repeats=1, layer_repeats=3,
+             gemm_shape_repeats=2, loop_batch=1, loop_min_s=0.0, epochs=False)
+
+
+def load_code(code_dir):
+    """Import the project's modules (C, L, M, T) from ``code_dir`` (default: this repository)."""
+    sys.path.insert(0, str(code_dir))
+    return [importlib.import_module(name) for name in ("cnn_core", "cnn_layers", "cnn_model", "cnn_train")]
+
+
+def build(net, M, L):
+    return eval(net.build, {"M": M, "L": L})
 
 
 def log(msg):
@@ -56,14 +103,63 @@ def timed(fn):
     return time.perf_counter() - start
 
 
-def synthetic(n, num_classes, seed):
-    """Random normal float32 images (generated directly in float32: no float64 copy) and labels."""
+def synthetic(n, shape, seed):
+    """Random normal float32 images (made in float32: no float64 copy) and labels 0..9."""
     rng = np.random.default_rng(seed)
-    return rng.standard_normal((n,) + IMAGE_SHAPE, dtype=np.float32), rng.integers(0, num_classes, n)
+    return rng.standard_normal((n,) + tuple(shape), dtype=np.float32), rng.integers(0, 10, n)
 
 
-def num_classes(model):
-    return model.forward(np.zeros((1,) + IMAGE_SHAPE, np.float32), training=False).shape[1]
+def spread(times):
+    """Median and the 10th/90th percentiles of a list of seconds (the noise of the machine)."""
+    q = np.percentile(times, [10, 50, 90])
+    return {"median_s": float(q[1]), "p10_s": float(q[0]), "p90_s": float(q[2]), "n": len(times)}
+
+
+# ----------------------------------------------------------------------------- counting
+
+def layer_macs(layer, L, out_shape):
+    """Multiply-adds of a layer's matrix products for one batch: (forward, backward).
+    Conv2D/Conv1D: N * output positions * W.size; Dense: N * W.size; backward = dW + dX, 2x."""
+    if isinstance(layer, (L.Conv2D, L.Conv1D)):
+        macs = int(np.prod(out_shape[:1] + out_shape[2:])) * layer.params["W"].size
+    elif isinstance(layer, L.Dense):
+        macs = out_shape[0] * layer.params["W"].size
+    else:
+        return 0, 0
+    return macs, 2 * macs
+
+
+def first_trained_index(model):
+    """The first layer with trained parameters: a training step skips its input gradient and
+    runs no backward pass below it (``Sequential.backward(..., input_grad=False)``)."""
+    return next((i for i, layer in enumerate(model.layers)
+                 if layer.params and getattr(layer, "trainable", True)), 0)
+
+
+def gemm_shapes(layer, L, in_shape, out_shape):
+    """The GEMMs a layer's im2col formulation does: {"fwd": (m, k, n), "dW": ..., "dX": ...}."""
+    if isinstance(layer, (L.Conv2D, L.Conv1D)):
+        F, C = layer.params["W"].shape[:2]
+        window = int(np.prod(layer.params["W"].shape[2:]))
+        rows = int(np.prod(out_shape[:1] + out_shape[2:]))
+        in_rows = int(np.prod(in_shape[:1] + in_shape[2:]))
+        return {"fwd": (rows, C * window, F), "dW": (C * window, rows, F), "dX": (in_rows, F * window, C)}
+    if isinstance(layer, L.Dense):
+        N, (D, K) = out_shape[0], layer.params["W"].shape
+        return {"fwd": (N, D, K), "dW": (D, N, K), "dX": (N, K, D)}
+    return {}
+
+
+def gemm_rate(m, k, n, repeats, cache={}):
+    """Median GFLOP/s of a float32 (m, k) @ (k, n) product with a preallocated output."""
+    if (m, k, n, repeats) not in cache:
+        rng = np.random.default_rng(0)
+        a, b = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((k, n), dtype=np.float32)
+        out = np.empty((m, n), np.float32)
+        np.matmul(a, b, out=out)
+        cache[(m, k, n, repeats)] = 2 * m * k * n / statistics.median(
+            timed(lambda: np.matmul(a, b, out=out)) for _ in range(repeats)) / 1e9
+    return cache[(m, k, n, repeats)]
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -76,34 +172,42 @@ def bench_gemm(n, repeats):
     np.matmul(a, b, out=c)
     times = [timed(lambda: np.matmul(a, b, out=c)) for _ in range(repeats)]
     return {"n": n, "repeats": repeats, "best_s": min(times), "median_s": statistics.median(times),
-            "gflops": 2 * n ** 3 / min(times) / 1e9}
+            "gflops": 2 * n ** 3 / min(times) / 1e9, "median_gflops": 2 * n ** 3 / statistics.median(times) / 1e9}
 
 
-def bench_training(model, warmup, steps):
-    """Per-step times of forward(training) + loss + backward + Adam, 8 synthetic batches cycled."""
-    xs, ys = synthetic(8 * BATCH, num_classes(model), seed=1)
-    loss_fn, opt, times = L.SoftmaxCrossEntropy(), T.Adam(), []
+def training_step(model, L, T):
+    """One step as ``cnn_train.fit`` takes it: forward, loss, backward without the input
+    gradient, optimiser update."""
+    loss_fn, optimizer = L.SoftmaxCrossEntropy(), eval(STEP_OPTIMIZER, {"T": T})
+
+    def step(xb, yb):
+        loss_fn.forward(model.forward(xb, training=True), yb)
+        model.backward(loss_fn.backward(), input_grad=False)
+        optimizer.step(model)
+    return step
+
+
+def bench_training(model, L, T, shape, warmup, steps):
+    """Per-step times over 8 synthetic batches cycled."""
+    xs, ys = synthetic(8 * BATCH, shape, seed=1)
+    step, times = training_step(model, L, T), []
     for s in range(warmup + steps):
         i = (s % 8) * BATCH
-        xb, yb = xs[i:i + BATCH], ys[i:i + BATCH]
-        start = time.perf_counter()
-        loss_fn.forward(model.forward(xb, training=True), yb)
-        model.backward(loss_fn.backward(), input_grad=False)      # as fit() does
-        opt.step(model)
+        t = timed(lambda: step(xs[i:i + BATCH], ys[i:i + BATCH]))
         if s >= warmup:
-            times.append(time.perf_counter() - start)
+            times.append(t)
     return times
 
 
-def bench_inference(model, n_images, repeats):
-    """Median time of ``model.predict_proba`` (its default batch size) on n_images."""
-    x, _ = synthetic(n_images, 10, seed=2)
-    model.predict_proba(x[:1000])                                                  # warm-up
-    return statistics.median(timed(lambda: model.predict_proba(x)) for _ in range(repeats))
+def bench_inference(model, shape, n_images, repeats):
+    """Times of ``model.predict_proba`` (its default batches of 64) on n_images."""
+    x, _ = synthetic(n_images, shape, seed=2)
+    model.predict_proba(x[:256])                                                    # warm-up
+    return [timed(lambda: model.predict_proba(x)) for _ in range(repeats)]
 
 
-def trace(model, x, y):
-    """Input and output-gradient of every layer in one training step of the real network."""
+def trace(model, L, x, y):
+    """Input and output gradient of every layer in one training step of the real network."""
     inputs, douts = [], [None] * len(model.layers)
     for layer in model.layers:
         inputs.append(x)
@@ -117,93 +221,189 @@ def trace(model, x, y):
     return inputs, douts
 
 
-def layer_macs(layer, out_shape):
-    """(forward, backward) multiply-adds. Conv: N*OH*OW*F*C*kh*kw per product; dense: N*D*M per
-    product; backward = dW + dX products (a training step skips the first layer's dX: see main)."""
-    if isinstance(layer, L.Conv2D):
-        N, _, OH, OW = out_shape
-        macs = N * OH * OW * layer.params["W"].size          # W: (F, C, kh, kw)
-    elif isinstance(layer, L.Dense):
-        macs = out_shape[0] * layer.params["W"].size         # W: (D, M)
-    else:
-        return 0, 0
-    return macs, 2 * macs
-
-
-def time_layer(layer, x, dout, repeats, min_s=0.0, warmup=True, max_repeats=5):
-    """Median forward(training=True) and backward times; repeats at least ``repeats`` times and
-    until ``min_s`` seconds have been spent (at most ``max_repeats`` for the slow loops)."""
-    if warmup:
-        layer.forward(x, training=True)
-        layer.backward(dout)
+def time_layer(layer, x, dout, repeats, input_grad=True, min_s=0.0, max_repeats=None):
+    """Median forward(training=True) and backward times, alternating; at least ``repeats``
+    times and until ``min_s`` seconds are spent (at most ``max_repeats``: for the slow loops)."""
+    backward = (lambda: layer.backward(dout)) if input_grad else (lambda: layer.backward(dout, input_grad=False))
     fwd, bwd = [], []
-    while len(fwd) < repeats or (sum(fwd) + sum(bwd) < min_s and len(fwd) < max_repeats):
+    while len(fwd) < repeats or (sum(fwd) + sum(bwd) < min_s and len(fwd) < (max_repeats or repeats)):
         fwd.append(timed(lambda: layer.forward(x, training=True)))
-        bwd.append(timed(lambda: layer.backward(dout)))
+        bwd.append(timed(backward))
     return statistics.median(fwd), statistics.median(bwd)
 
 
-def bench_layers(model, cfg):
-    """Per-layer MACs and times, vectorized at batch 64 and loop on a small batch scaled to 64."""
-    x, y = synthetic(BATCH, num_classes(model), seed=4)
-    model.set_impl("vectorized")
-    inputs, douts = trace(model, x, y)
-    rows, nb = [], cfg["loop_batch"]
+def bench_layers(model, L, shape, cfg):
+    """Per-layer MACs, times and GEMM-of-the-same-shape rates, vectorized, batch 64. The first
+    layer with weights is timed without its input gradient, as a training step runs it."""
+    x, y = synthetic(BATCH, shape, seed=4)
+    inputs, douts = trace(model, L, x, y)
+    first, rows = first_trained_index(model), []
     for i, layer in enumerate(model.layers):
-        fwd_macs, bwd_macs = layer_macs(layer, douts[i].shape)
-        vf, vb = time_layer(layer, inputs[i], douts[i], cfg["layer_repeats"])
-        rows.append({"index": i, "name": f"{i} {layer.label()}", "type": type(layer).__name__,
-                     "input_shape": list(inputs[i].shape), "output_shape": list(douts[i].shape),
-                     "fwd_macs": fwd_macs, "bwd_macs": bwd_macs, "vec_fwd_s": vf, "vec_bwd_s": vb,
-                     "has_loop": hasattr(layer, "impl")})
-    model.set_impl("loop")
-    try:
-        for row, layer in zip(rows, model.layers):
-            if not row["has_loop"]:
-                continue
-            log(f"  loop {row['name']} on {nb} example(s)")
-            i = row["index"]
-            lf, lb = time_layer(layer, inputs[i][:nb], douts[i][:nb], 1, cfg["loop_min_s"], warmup=False)
-            scale = BATCH / nb                                      # the loops are linear in N
-            row.update(loop_batch=nb, loop_fwd_s=lf * scale, loop_bwd_s=lb * scale,
-                       speedup_fwd=lf * scale / row["vec_fwd_s"], speedup_bwd=lb * scale / row["vec_bwd_s"],
-                       speedup_total=(lf + lb) * scale / (row["vec_fwd_s"] + row["vec_bwd_s"]))
-    finally:
-        model.set_impl("vectorized")
+        in_shape, out_shape = inputs[i].shape, douts[i].shape
+        fwd_macs, bwd_macs = layer_macs(layer, L, out_shape)
+        shapes = gemm_shapes(layer, L, in_shape, out_shape)
+        input_grad = i > first
+        if i == first:
+            bwd_macs -= fwd_macs                                     # no dX product
+            shapes.pop("dX", None)
+        elif i < first:                                              # no backward pass at all
+            bwd_macs = 0
+            shapes = {k: v for k, v in shapes.items() if k == "fwd"}
+        layer.forward(inputs[i], training=True)                      # warm-up (workspace, caches)
+        if i >= first:
+            layer.backward(douts[i]) if input_grad else layer.backward(douts[i], input_grad=False)
+            vf, vb = time_layer(layer, inputs[i], douts[i], cfg["layer_repeats"], input_grad)
+        else:
+            vf, vb = statistics.median(timed(lambda: layer.forward(inputs[i], training=True))
+                                       for _ in range(cfg["layer_repeats"])), 0.0
+        rates = {k: gemm_rate(*mkn, cfg["gemm_shape_repeats"]) for k, mkn in shapes.items()}
+        bwd_gemm = [k for k in ("dW", "dX") if k in rates]
+        rows.append({
+            "index": i, "name": f"{i} {layer.label()}", "type": type(layer).__name__,
+            "input_shape": list(in_shape), "output_shape": list(out_shape), "input_grad": input_grad,
+            "fwd_macs": fwd_macs, "bwd_macs": bwd_macs, "fwd_s": vf, "bwd_s": vb,
+            "fwd_gflops": 2 * fwd_macs / vf / 1e9 if fwd_macs else None,
+            "bwd_gflops": 2 * bwd_macs / vb / 1e9 if bwd_macs else None, "backward": i >= first,
+            "gemm_shapes": {k: list(v) for k, v in shapes.items()}, "gemm_gflops": rates,
+            # the backward's GEMMs at their own rates: the time they would take, as a rate
+            "gemm_bwd_gflops": (2 * bwd_macs / sum(2 * np.prod(shapes[k]) / rates[k] / 1e9 for k in bwd_gemm) / 1e9
+                                if bwd_gemm else None),
+            "has_loop": hasattr(layer, "impl")})
     return rows
 
 
-def epoch_child():
-    """Run in a subprocess: 60,000 synthetic images + one ``cnn_train.fit`` epoch; prints JSON."""
-    model = M.mnist_cnn(seed=0)
-    x, y = synthetic(EPOCH_IMAGES, num_classes(model), seed=3)
+def bench_loops(model, L, shape, layer_rows, cfg):
+    """Loop vs vectorized time of the conv and pool layers on a small batch, scaled to 64."""
+    x, y = synthetic(BATCH, shape, seed=4)
+    inputs, douts = trace(model, L, x, y)
+    nb, out = cfg["loop_batch"], []
+    model.set_impl("loop")
+    try:
+        for row, layer in zip(layer_rows, model.layers):
+            if not row["has_loop"] or row["type"] not in ("Conv2D", "MaxPool2D", "AvgPool2D"):
+                continue
+            i = row["index"]
+            log(f"  loop {row['name']} on {nb} example(s)")
+            lf, lb = time_layer(layer, inputs[i][:nb], douts[i][:nb], 1, True, cfg["loop_min_s"], 5)
+            scale = BATCH / nb                                       # the loops are linear in N
+            vf, vb = row["fwd_s"], row["bwd_s"]
+            if not row["input_grad"]:                                # compare like with like
+                model.set_impl("vectorized")
+                vf, vb = time_layer(layer, inputs[i], douts[i], cfg["layer_repeats"])
+                model.set_impl("loop")
+            out.append({"name": row["name"], "loop_batch": nb, "loop_fwd_s": lf * scale, "loop_bwd_s": lb * scale,
+                        "vec_fwd_s": vf, "vec_bwd_s": vb, "speedup_fwd": lf * scale / vf,
+                        "speedup_bwd": lb * scale / vb, "speedup_total": (lf + lb) * scale / (vf + vb)})
+    finally:
+        model.set_impl("vectorized")
+    return out
+
+
+def bench_network(name, net, cfg, gemm_gflops, code):
+    C, L, M, T = code
+    log(f"{name}: training steps ...")
+    model = build(net, M, L)
+    times = bench_training(model, L, T, net.input_shape, cfg["warmup"], cfg["steps"])
+    log(f"{name}: inference ...")
+    infer = bench_inference(model, net.input_shape, cfg["infer_images"], cfg["infer_repeats"])
+    log(f"{name}: layers ...")
+    layers = bench_layers(model, L, net.input_shape, cfg)
+    fwd_macs = sum(r["fwd_macs"] for r in layers)
+    step_macs = fwd_macs + sum(r["bwd_macs"] for r in layers)      # the first layer's dX is already left out
+    tr = spread(times)
+    gflops = 2 * step_macs / tr["median_s"] / 1e9
+    training = dict(tr, batch=BATCH, optimizer=STEP_OPTIMIZER, images_per_s=BATCH / tr["median_s"],
+                    macs_per_step=step_macs, gflops=gflops, fraction_of_gemm=gflops / gemm_gflops)
+    inf = spread(infer)
+    n = cfg["infer_images"]
+    gflops = 2 * fwd_macs / BATCH * n / inf["median_s"] / 1e9
+    batch = inspect.signature(M.Sequential.predict_proba).parameters["batch_size"].default
+    inference = dict(inf, images=n, batch=batch, images_per_s=n / inf["median_s"], macs_per_image=fwd_macs // BATCH,
+                     gflops=gflops, fraction_of_gemm=gflops / gemm_gflops)
+    for key, part in (("training_fraction_of_gemm", training), ("inference_fraction_of_gemm", inference)):
+        if key in net.targets:
+            part.update(target=net.targets[key], meets_target=part["fraction_of_gemm"] >= net.targets[key])
+    result = {"description": net.description, "build": net.build, "input_shape": list(net.input_shape),
+              "parameters": int(sum(p.size for layer in model.layers for p in layer.params.values())),
+              "training": training, "inference": inference, "layers": layers, "epoch": None,
+              "workspace_mb": sum(layer.work.nbytes() for layer in model.layers
+                                  if "_work" in vars(layer) and hasattr(layer.work, "nbytes")) / 1e6}
+    if name == LOOP_NETWORK and cfg["loop_batch"]:
+        log(f"{name}: loop versions ...")
+        result["loop_vs_vectorized"] = bench_loops(model, L, net.input_shape, layers, cfg)
+    return result
+
+
+def epoch_child(name, code_dir):
+    """Run in a subprocess: one ``cnn_train.fit`` epoch of network ``name`` on synthetic data as
+    the report trains it; prints JSON (seconds, steady-state estimate, peak resident memory)."""
+    C, L, M, T = load_code(code_dir)
+    net = NETWORKS[name]
+    spec = net.epoch
+    model = build(net, M, L)
+    x, y = synthetic(spec.images, net.input_shape, seed=3)
+    augment = eval(spec.augment, {"T": T})
     stamps = []
 
-    def stamp(xb, rng):                    # fit calls augment once per batch: a free per-step clock
+    def stamped(xb, rng):                    # fit calls augment once per batch: a free per-step clock
         stamps.append(time.perf_counter())
-        return xb
-    history = T.fit(model, x, y, T.Adam(), epochs=1, batch_size=BATCH, augment=stamp, progress=False, log=None)
+        return augment(xb, rng) if augment else xb
+    history = T.fit(model, x, y, eval(spec.optimizer, {"T": T}), epochs=1, batch_size=BATCH, augment=stamped,
+                    progress=False, log=None)
     steps = np.diff(stamps + [time.perf_counter()])
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss          # KiB on Linux, bytes on macOS
-    rss_bytes = maxrss if sys.platform == "darwin" else maxrss * 1024
-    print(json.dumps({"images": EPOCH_IMAGES, "batch": BATCH, "data_mb": x.nbytes / 1e6,
-                      "seconds": history.seconds[0], "steps": len(steps), "median_step_s": float(np.median(steps)),
-                      "steady_estimate_s": float(np.median(steps)) * len(steps), "peak_rss_mb": rss_bytes / 1e6}))
+    print(json.dumps({"images": spec.images, "batch": BATCH, "optimizer": spec.optimizer, "augment": spec.augment,
+                      "data_mb": x.nbytes / 1e6, "seconds": history.seconds[0], "steps": len(steps),
+                      "median_step_s": float(np.median(steps)),
+                      "steady_estimate_s": float(np.median(steps)) * len(steps),
+                      "peak_rss_mb": (maxrss if sys.platform == "darwin" else maxrss * 1024) / 1e6}))
 
 
-def bench_epoch():
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--epoch-child"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=1800)
+def bench_epoch(name, code_dir):
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--epoch-child", name,
+                           "--code", str(code_dir)], cwd=ROOT, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
-        raise RuntimeError(f"epoch subprocess failed:\n{proc.stderr}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"epoch subprocess for {name} failed:\n{proc.stderr}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    targets = NETWORKS[name].epoch.targets
+    result["targets"] = targets
+    result["meets_target"] = all(result[k] <= v for k, v in targets.items())
+    return result
 
 
-# ----------------------------------------------------------------------------- reporting
+# ----------------------------------------------------------------------------- machine and BLAS
+
+def openblas_info():
+    """OpenBLAS's own report of the kernel it runs (core name, configuration, threads), read
+    from NumPy's bundled library with ctypes; None where not available (another BLAS)."""
+    candidates = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "*openblas*"))
+    candidates += glob.glob(os.path.join(os.path.dirname(np.__file__), ".dylibs", "*openblas*"))
+    for path in candidates:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        info = {"library": os.path.basename(path)}
+        for key, names, restype in (("corename", ("scipy_openblas_get_corename64_", "openblas_get_corename64_",
+                                                  "openblas_get_corename"), ctypes.c_char_p),
+                                    ("config", ("scipy_openblas_get_config64_", "openblas_get_config64_",
+                                                "openblas_get_config"), ctypes.c_char_p),
+                                    ("threads", ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_",
+                                                 "openblas_get_num_threads"), ctypes.c_int)):
+            for fname in names:
+                fn = getattr(lib, fname, None)
+                if fn is not None:
+                    fn.restype = restype
+                    value = fn()
+                    info[key] = value.decode() if isinstance(value, bytes) else value
+                    break
+        return info
+    return None
+
 
 def cpu_busy(seconds=0.5):
     """Fraction of all CPUs busy (or stolen by the hypervisor) while we sleep: other work on the
-    machine that would add noise. Linux only (/proc/stat), else None."""
+    machine that adds noise. Linux only (/proc/stat), else None."""
     def snapshot():
         with open("/proc/stat") as f:
             ticks = [int(v) for v in f.readline().split()[1:9]]
@@ -215,13 +415,15 @@ def cpu_busy(seconds=0.5):
     return 1 - (i1 - i0) / max(t1 - t0, 1)
 
 
-def machine_info():
+def machine_info(code_dir):
     info = {"platform": platform.platform(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "numpy": np.__version__, "blas": None}
+            "cpu_count": os.cpu_count(), "numpy": np.__version__, "blas": None,
+            "blas_env": {k: os.environ.get(k) for k in BLAS_ENV}, "openblas": openblas_info()}
     try:
         info["blas"] = np.show_config(mode="dicts").get("Build Dependencies", {}).get("blas")
     except (TypeError, AttributeError):                                   # numpy < 1.26
         pass
+
     def git(*args):
         try:
             out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
@@ -230,11 +432,21 @@ def machine_info():
             return None
     info["cpu_busy_before"] = cpu_busy()
     info["git_commit"] = git("rev-parse", "--short", "HEAD")
-    info["cnn_core_sha256"] = hashlib.sha256(Path(C.__file__).read_bytes()).hexdigest()[:16]  # it may be uncommitted
+    info["code"] = str(code_dir)
+    info["code_sha256"] = {name: hashlib.sha256((Path(code_dir) / name).read_bytes()).hexdigest()[:16]
+                           for name in ("cnn_core.py", "cnn_layers.py", "cnn_model.py")}  # may be uncommitted
     status = git("status", "--porcelain", "--untracked-files=no")
     info["git_dirty"] = None if status is None else bool(status)
     return info
 
+
+def kernel_line(m):
+    ob, env = m.get("openblas") or {}, m.get("blas_env") or {}
+    set_vars = ", ".join(f"{k}={v}" for k, v in env.items() if v is not None) or "none set"
+    return f"OpenBLAS core {ob.get('corename', '?')}, {ob.get('threads', '?')} threads (BLAS variables: {set_vars})"
+
+
+# ----------------------------------------------------------------------------- reporting
 
 def table(headers, rows, align=None):
     """Plain-text table; ``align`` has one 'l' or 'r' per column (default: first left, rest right)."""
@@ -243,8 +455,7 @@ def table(headers, rows, align=None):
     widths = [max(len(r[k]) for r in cells) for k in range(len(headers))]
     fmt = lambda r: "  ".join(c.ljust(w) if a == "l" else c.rjust(w)
                               for c, w, a in zip(r, widths, align)).rstrip()
-    lines = [fmt(cells[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in cells[1:]]
-    return "\n".join(lines)
+    return "\n".join([fmt(cells[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in cells[1:]])
 
 
 def ms(s):
@@ -252,115 +463,137 @@ def ms(s):
     return f"{s * 1e3:#.3g}" if s < 0.1 else f"{s * 1e3:.0f}"
 
 
-def verdict(ok):
-    return "ok" if ok else "BELOW TARGET"
+def gf(value):
+    return "-" if value is None else f"{value:.0f}" if value >= 10 else f"{value:.1f}"
+
+
+def verdict(part):
+    if "meets_target" not in part:
+        return ""
+    return "ok" if part["meets_target"] else "BELOW TARGET"
+
+
+def layer_table(layers):
+    rows = [[r["name"] + ("" if r["input_grad"] else " (no dx)" if r["backward"] else " (no bwd)"),
+             "x".join(map(str, r["output_shape"][1:])),
+             f"{r['fwd_macs'] / 1e6:.0f}" if r["fwd_macs"] else "", ms(r["fwd_s"]), gf(r["fwd_gflops"]),
+             gf(r["gemm_gflops"].get("fwd")), ms(r["bwd_s"]), gf(r["bwd_gflops"]), gf(r["gemm_bwd_gflops"])]
+            for r in layers]
+    tot = lambda k: sum(r[k] for r in layers)
+    rows.append(["sum of layers", "", f"{tot('fwd_macs') / 1e6:.0f}", ms(tot("fwd_s")),
+                 gf(2 * tot("fwd_macs") / tot("fwd_s") / 1e9), "", ms(tot("bwd_s")),
+                 gf(2 * tot("bwd_macs") / tot("bwd_s") / 1e9), ""])
+    return table(["layer", "output", "fwd MMAC", "fwd ms", "GFLOP/s", "GEMM", "bwd ms", "GFLOP/s", "GEMM"], rows)
 
 
 def report(res):
-    m, g, tr, inf = res["machine"], res["gemm"], res["training"], res["inference"]
+    m, g = res["machine"], res["gemm"]
     blas = (m["blas"] or {}).get("name", "?") + " " + (m["blas"] or {}).get("version", "")
     out = [f"{m['platform']} | {m['cpu_count']} CPUs | numpy {m['numpy']} | BLAS {blas.strip()} | "
-           f"commit {m['git_commit']}{' (dirty)' if m['git_dirty'] else ''} | mode {res['mode']}", ""]
-    head = [["GEMM float32 {0}x{0}".format(g["n"]), f"{g['gflops']:.1f} GFLOP/s", f"best of {g['repeats']}", "", ""],
-            [f"training, batch {BATCH}", f"{tr['images_per_s']:.0f} img/s",
-             f"median step {ms(tr['median_step_s'])} ms over {tr['steps']} steps", "", ""],
-            ["  achieved", f"{tr['gflops']:.1f} GFLOP/s", f"{tr['fraction_of_gemm']:.1%} of GEMM",
-             f">= {TARGETS['training_fraction_of_gemm']:.0%}", verdict(tr["meets_target"])],
-            [f"inference, batches of {inf['batch']}", f"{inf['images_per_s']:.0f} img/s",
-             f"{inf['images']} images in {inf['seconds']:.2f} s", "", ""],
-            ["  achieved", f"{inf['gflops']:.1f} GFLOP/s", f"{inf['fraction_of_gemm']:.1%} of GEMM",
-             f">= {TARGETS['inference_fraction_of_gemm']:.0%}", verdict(inf["meets_target"])]]
-    if res["epoch"]:
-        e = res["epoch"]
-        head += [[f"epoch of {e['images']:,} images", f"{e['seconds']:.1f} s",
-                  f"{e['images'] / e['seconds']:.0f} img/s (cnn_train.fit, subprocess)", "", ""],
-                 ["  median step x steps", f"{e['steady_estimate_s']:.1f} s",
-                  f"median step {ms(e['median_step_s'])} ms x {e['steps']} (robust to load spikes)", "", ""],
-                 ["  peak resident memory", f"{e['peak_rss_mb']:.0f} MB", f"data {e['data_mb']:.0f} MB",
-                  f"<= {TARGETS['epoch_peak_rss_mb']:.0f} MB", verdict(e["meets_target"])]]
-    out += [table(["measurement", "value", "detail", "target", "status"], head, "lrlrl"), ""]
+           f"commit {m['git_commit']}{' (dirty)' if m['git_dirty'] else ''} | mode {res['mode']}",
+           f"kernel: {kernel_line(m)}", ""]
     if (m["cpu_busy_before"] or 0) > 0.1:
-        out[-1:-1] = [f"note: the CPUs were {m['cpu_busy_before']:.0%} busy with other work just before the run"]
-    layer_rows = res["layers"]
-    gf = lambda macs, s: f"{2 * macs / s / 1e9:.1f}" if macs else "-"
-    rows = [[r["name"], "x".join(map(str, r["output_shape"][1:])), f"{r['fwd_macs'] / 1e6:.1f}",
-             f"{r['bwd_macs'] / 1e6:.1f}", ms(r["vec_fwd_s"]), ms(r["vec_bwd_s"]),
-             gf(r["fwd_macs"], r["vec_fwd_s"]), gf(r["bwd_macs"], r["vec_bwd_s"])] for r in layer_rows]
-    tot = lambda k: sum(r[k] for r in layer_rows)
-    rows.append(["sum of layers", "", f"{tot('fwd_macs') / 1e6:.1f}", f"{tot('bwd_macs') / 1e6:.1f}",
-                 ms(tot("vec_fwd_s")), ms(tot("vec_bwd_s")), gf(tot("fwd_macs"), tot("vec_fwd_s")),
-                 gf(tot("bwd_macs"), tot("vec_bwd_s"))])
-    out += [f"Per layer, vectorized, batch {BATCH} (MMAC = 1e6 multiply-adds; GFLOP/s = 2 * MAC / time)",
-            table(["layer", "output", "fwd MMAC", "bwd MMAC", "fwd ms", "bwd ms", "fwd GFLOP/s", "bwd GFLOP/s"], rows),
-            f"sum of layer times {ms(tot('vec_fwd_s') + tot('vec_bwd_s'))} ms vs measured median training step "
-            f"{ms(tr['median_step_s'])} ms (the step adds loss, Adam, Python overhead)", ""]
-    rows = []
-    for r in (r for r in layer_rows if r["has_loop"]):
-        target = r["type"] in ("Conv2D", "MaxPool2D", "AvgPool2D")
-        ok = min(r["speedup_fwd"], r["speedup_bwd"]) >= TARGETS["loop_speedup_conv_pool"]
-        rows.append([r["name"], ms(r["loop_fwd_s"]), ms(r["loop_bwd_s"]), ms(r["vec_fwd_s"]), ms(r["vec_bwd_s"]),
-                     f"{r['speedup_fwd']:.0f}x", f"{r['speedup_bwd']:.0f}x", f"{r['speedup_total']:.0f}x",
-                     verdict(ok) if target else ""])
-    nb = next((r["loop_batch"] for r in layer_rows if r["has_loop"]), "?")
-    out += [f"Loop vs vectorized, ms per batch of {BATCH} (loop timed on {nb} example(s), scaled x{BATCH // nb}; "
-            f"target for conv/pool: fwd and bwd >= {TARGETS['loop_speedup_conv_pool']:.0f}x)",
-            table(["layer", "loop fwd", "loop bwd", "vec fwd", "vec bwd", "speedup fwd", "bwd", "total", "status"],
-                  rows, "lrrrrrrrl")]
+        out += [f"note: the CPUs were {m['cpu_busy_before']:.0%} busy with other work just before the run", ""]
+    head = [[f"GEMM float32 {g['n']}^3", f"{g['gflops']:.0f} GFLOP/s", f"best of {g['repeats']} "
+             f"(median {g['median_gflops']:.0f})", "", ""]]
+    for name, r in res["networks"].items():
+        tr, inf = r["training"], r["inference"]
+        head += [[f"{name}: training step, batch {BATCH}", f"{ms(tr['median_s'])} ms",
+                  f"{tr['images_per_s']:.0f} img/s, {tr['gflops']:.0f} GFLOP/s = {tr['fraction_of_gemm']:.1%} of GEMM "
+                  f"(p10-p90 {ms(tr['p10_s'])}-{ms(tr['p90_s'])} ms)",
+                  f">= {tr['target']:.0%}" if "target" in tr else "", verdict(tr)],
+                 [f"{name}: inference", f"{inf['images_per_s']:.0f} img/s",
+                  f"{inf['gflops']:.0f} GFLOP/s = {inf['fraction_of_gemm']:.1%} of GEMM",
+                  f">= {inf['target']:.0%}" if "target" in inf else "", verdict(inf)]]
+        if r["epoch"]:
+            e = r["epoch"]
+            head += [[f"{name}: epoch of {e['images']:,} images", f"{e['seconds']:.1f} s",
+                      f"median step x steps {e['steady_estimate_s']:.1f} s; peak memory {e['peak_rss_mb']:.0f} MB",
+                      ", ".join(f"{k} <= {v:g}" for k, v in e["targets"].items()), verdict(e)]]
+    out += [table(["measurement", "value", "detail", "target", "status"], head, "lrlrl"), ""]
+    for name, r in res["networks"].items():
+        tr = r["training"]
+        out += [f"{name}: {r['description']}; per layer, vectorized, batch {BATCH} (medians; GFLOP/s = "
+                f"2 x MAC / time; GEMM = the rate of a float32 GEMM of the layer's own shape)",
+                layer_table(r["layers"]),
+                f"sum of layer times {ms(sum(x['fwd_s'] + x['bwd_s'] for x in r['layers']))} ms; measured training "
+                f"step {ms(tr['median_s'])} ms (adds the loss, the optimiser and Python overhead)", ""]
+        if r.get("loop_vs_vectorized"):
+            rows = [[x["name"], ms(x["loop_fwd_s"]), ms(x["loop_bwd_s"]), ms(x["vec_fwd_s"]), ms(x["vec_bwd_s"]),
+                     f"{x['speedup_fwd']:.0f}x", f"{x['speedup_bwd']:.0f}x",
+                     "ok" if min(x["speedup_fwd"], x["speedup_bwd"]) >= LOOP_SPEEDUP_TARGET else "BELOW TARGET"]
+                    for x in r["loop_vs_vectorized"]]
+            nb = r["loop_vs_vectorized"][0]["loop_batch"] if rows else "?"
+            out += [f"{name}: loop vs vectorized, ms per batch of {BATCH} (loops timed on {nb} example(s) and "
+                    f"scaled; target >= {LOOP_SPEEDUP_TARGET:.0f}x)",
+                    table(["layer", "loop fwd", "loop bwd", "vec fwd", "vec bwd", "speedup fwd", "bwd", "status"],
+                          rows, "lrrrrrrl"), ""]
     return "\n".join(out)
 
 
-def write_json(path, data):
+def markdown(res):
+    """The README's speed table, from a results file."""
+    m, g = res["machine"], res["gemm"]
+    lines = [f"Measured {res['timestamp'][:10]} ({res['mode']} run), kernel: {kernel_line(m)}; "
+             f"float32 2048³ GEMM {g['gflops']:.0f} GFLOP/s (the ceiling every fraction refers to).", "",
+             "| network | training step, batch 64 | % of GEMM (target) | inference | % of GEMM (target) | epoch |",
+             "|---|---|---|---|---|---|"]
+    for name, r in res["networks"].items():
+        tr, inf, e = r["training"], r["inference"], r["epoch"]
+        target = lambda p: f" ({p['target']:.0%})" if "target" in p else ""
+        epoch = (f"{e['images']:,} images: {e['seconds']:.1f} s, peak {e['peak_rss_mb']:,.0f} MB" if e else "")
+        lines.append(f"| {name} | {ms(tr['median_s'])} ms = {tr['images_per_s']:,.0f} img/s = {tr['gflops']:.0f} GFLOP/s "
+                     f"| **{tr['fraction_of_gemm']:.1%}**{target(tr)} | {inf['images_per_s']:,.0f} img/s = "
+                     f"{inf['gflops']:.0f} GFLOP/s | **{inf['fraction_of_gemm']:.1%}**{target(inf)} | {epoch} |")
+    return "\n".join(lines)
+
+
+def write_json(path, data, F):
     """The results as JSON, written atomically (``cnn_files.atomic_write``)."""
-    text = json.dumps(data, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
+    text = json.dumps(data, indent=1, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
     with F.atomic_write(path) as f:
         f.write((text + "\n").encode())
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer steps, no epoch/memory run (smoke test)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, no epochs (smoke test, < 1 min)")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results.json"), help="output JSON path")
-    parser.add_argument("--epoch-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--networks", default=",".join(NETWORKS), help="comma-separated names from NETWORKS")
+    parser.add_argument("--markdown", action="store_true", help="print the README table from --json and exit")
+    parser.add_argument("--code", default=str(ROOT), help="directory to import the cnn_* modules from "
+                        "(e.g. a copy of an older version, for a before/after comparison)")
+    parser.add_argument("--epoch-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.json).read_text())))
+        return 0
     if args.epoch_child:
-        return epoch_child()
+        return epoch_child(args.epoch_child, args.code)
+    names = [n for n in args.networks.split(",") if n]
+    unknown = [n for n in names if n not in NETWORKS]
+    if unknown:
+        parser.error(f"unknown network(s) {unknown}; choose from {list(NETWORKS)}")
+    code = load_code(args.code)
+    F = importlib.import_module("cnn_files")
     cfg, began = (QUICK if args.quick else FULL), time.perf_counter()
     res = {"mode": "quick" if args.quick else "full", "timestamp": datetime.now(timezone.utc).isoformat(),
-           "machine": machine_info(), "settings": dict(cfg, batch=BATCH, image_shape=list(IMAGE_SHAPE)),
-           "targets": TARGETS}
+           "machine": machine_info(args.code), "settings": dict(cfg, batch=BATCH, step_optimizer=STEP_OPTIMIZER)}
+    if res["machine"]["blas_env"].get("OPENBLAS_CORETYPE"):
+        log(f"note: OPENBLAS_CORETYPE={res['machine']['blas_env']['OPENBLAS_CORETYPE']} is set: the figures are "
+            "for that kernel (the recorded run unsets it: env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE make bench)")
     log("GEMM ...")
-    res["gemm"] = gemm = bench_gemm(2048, cfg["gemm_repeats"])
-    model = M.mnist_cnn(impl="vectorized", seed=0)
-    log("training ...")
-    times = bench_training(model, cfg["warmup"], cfg["steps"])
-    log("inference ...")
-    n = cfg["infer_images"]
-    secs = bench_inference(model, n, cfg["infer_repeats"])
-    log("layers ...")
-    res["layers"] = layers = bench_layers(model, cfg)
-    fwd_macs = sum(r["fwd_macs"] for r in layers)                          # per batch of 64
-    # fit() skips the first layer's input gradient (Sequential.backward(..., input_grad=False)):
-    # that product has as many MACs as the layer's forward (0 if the layer has no weights).
-    step_macs = fwd_macs + sum(r["bwd_macs"] for r in layers) - layers[0]["fwd_macs"]
-    step = statistics.median(times)
-    gflops = 2 * step_macs / step / 1e9
-    res["training"] = {"batch": BATCH, "warmup": cfg["warmup"], "steps": len(times), "median_step_s": step,
-                       "min_step_s": min(times), "max_step_s": max(times), "images_per_s": BATCH / step,
-                       "macs_per_step": step_macs, "gflops": gflops, "fraction_of_gemm": gflops / gemm["gflops"],
-                       "meets_target": gflops / gemm["gflops"] >= TARGETS["training_fraction_of_gemm"]}
-    gflops = 2 * fwd_macs / BATCH * n / secs / 1e9
-    batch = inspect.signature(M.Sequential.predict_proba).parameters["batch_size"].default
-    res["inference"] = {"images": n, "batch": batch, "repeats": cfg["infer_repeats"], "seconds": secs,
-                        "images_per_s": n / secs, "macs_per_image": fwd_macs // BATCH, "gflops": gflops,
-                        "fraction_of_gemm": gflops / gemm["gflops"],
-                        "meets_target": gflops / gemm["gflops"] >= TARGETS["inference_fraction_of_gemm"]}
-    res["epoch"] = None
-    if not args.quick:
-        log(f"epoch of {EPOCH_IMAGES:,} images in a subprocess ...")
-        res["epoch"] = e = bench_epoch()
-        e["meets_target"] = e["peak_rss_mb"] <= TARGETS["epoch_peak_rss_mb"]
+    res["gemm"] = bench_gemm(2048, cfg["gemm_repeats"])
+    res["networks"] = {name: bench_network(name, NETWORKS[name], cfg, res["gemm"]["gflops"], code) for name in names}
+    if cfg["epochs"]:
+        for name in names:
+            if NETWORKS[name].epoch:
+                log(f"{name}: one training epoch of {NETWORKS[name].epoch.images:,} images in a subprocess ...")
+                res["networks"][name]["epoch"] = bench_epoch(name, args.code)
+    res["gemm_after"] = bench_gemm(2048, cfg["gemm_repeats"])          # did the machine change meanwhile?
+    res["machine"]["cpu_busy_after"] = cpu_busy()
     res["bench_seconds"] = time.perf_counter() - began
-    write_json(args.json, res)
+    write_json(args.json, res, F)
     print(report(res))
     print(f"\n{res['mode']} run took {res['bench_seconds']:.0f} s; results written to {args.json}")
     return 0

@@ -221,3 +221,173 @@ def test_rows_to_sequence_layer_and_its_gradient():
     np.testing.assert_array_equal(out, L.rows_as_sequence(x).transpose(0, 2, 1))
     assert out.shape == (2, 15, 4)
     assert gradient_errors(layer, x)["x"] < TOLERANCE
+
+
+# ---------------------------------------------------------------------------
+# The fast paths of the vectorized layers: channels-last memory, im2col in blocks,
+# the input gradient as a convolution, Winograd, reused workspaces, one-pass batch norm
+# ---------------------------------------------------------------------------
+
+def channels_last_view(x):
+    """The same values as x (N, C, ...) in channels-last memory, as the vectorized layers
+    hand their outputs on: an (N, C, ...) view of an (N, ..., C) array."""
+    return np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+
+
+FAST_CONV_CASES = [  # (N, C, H, W, F, kernel, stride, padding): odd sizes, batch 1, padding 0-2
+    (2, 3, 7, 9, 4, 3, 1, 1), (1, 4, 5, 6, 3, 3, 1, 0), (2, 2, 6, 5, 3, 3, 1, 2),
+    (3, 2, 5, 7, 2, (2, 3), 1, 1), (2, 3, 6, 6, 2, 1, 1, 1), (2, 2, 7, 6, 3, 2, 1, 2),  # padding >= kernel: crop
+    (2, 3, 7, 8, 4, 3, 2, 1), (1, 2, 9, 7, 3, (3, 2), (2, 3), 2), (2, 5, 4, 4, 3, 1, 1, 0)]
+
+
+def run_conv_pair(case, x_layout, seed=0):
+    """Loop and vectorized Conv2D on the same input and output gradient, float64."""
+    N, Cin, H, W, F, k, s, p = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, Cin, H, W))
+    loop = L.Conv2D(Cin, F, k, s, p, impl="loop", seed=2, dtype=F64)
+    vec = L.Conv2D(Cin, F, k, s, p, impl="vectorized", seed=2, dtype=F64)
+    out_loop, out_vec = loop.forward(x), vec.forward(x_layout(x))
+    np.testing.assert_allclose(out_vec, out_loop, rtol=1e-12, atol=1e-12)
+    dout = rng.standard_normal(out_loop.shape)
+    np.testing.assert_allclose(vec.backward(x_layout(dout)), loop.backward(dout), rtol=1e-12, atol=1e-12)
+    for name in ("W", "b"):
+        np.testing.assert_allclose(vec.grads[name], loop.grads[name], rtol=1e-12, atol=1e-12)
+    return vec
+
+
+@pytest.mark.parametrize("case", FAST_CONV_CASES)
+@pytest.mark.parametrize("layout", ["channels-first", "channels-last"])
+@pytest.mark.parametrize("chunk", [C.CHUNK_BYTES, 64])       # 64 bytes: one row band per block
+def test_conv_fast_paths_match_the_loop(case, layout, chunk, monkeypatch):
+    # channels-first input: the first layer's im2col ("im2col-cf"); channels-last: every other
+    # layer's. Stride 1 computes dx as a convolution of the padded dout, other strides by col2im.
+    monkeypatch.setattr(C, "CHUNK_BYTES", chunk)
+    as_layout = channels_last_view if layout == "channels-last" else (lambda a: a)
+    x = np.zeros(case[:2] + case[2:4])
+    expected = "im2col-cf" if layout == "channels-first" or case[1] == 1 else "im2col"
+    assert C.conv_method(as_layout(x), L.Conv2D(case[1], 1, case[5]).kernel_size, C._pair(case[6], "s")) == expected
+    run_conv_pair(case, as_layout)
+
+
+@pytest.mark.parametrize("case", [c for c in FAST_CONV_CASES if c[5] == 3 and c[6] == 1] +
+                         [(1, 3, 1, 1, 2, 3, 1, 1), (2, 3, 3, 4, 2, 3, 1, 0), (2, 2, 5, 5, 2, 3, 1, 3)])
+@pytest.mark.parametrize("chunk", [C.CHUNK_BYTES, 64])
+def test_winograd_matches_the_loop(case, chunk, monkeypatch):
+    monkeypatch.setattr(C, "WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(C, "CHUNK_BYTES", chunk)
+    assert C.conv_method(channels_last_view(np.zeros(case[:4])), (3, 3), (1, 1)) == "winograd"
+    run_conv_pair(case, channels_last_view)
+
+
+def test_winograd_float32_error_is_rounding_only(monkeypatch):
+    monkeypatch.setattr(C, "WINOGRAD_MIN_CHANNELS", 1)
+    rng = np.random.default_rng(30)
+    x, W, b = rng.standard_normal((2, 16, 9, 10)), rng.standard_normal((8, 16, 3, 3)) / 12, rng.standard_normal(8)
+    expected, _ = C.conv2d_forward_loop(x, W, b, (1, 1), (1, 1))
+    out, cache = C.conv2d_forward_vectorized(channels_last_view(x.astype(np.float32)), W.astype(np.float32),
+                                             b.astype(np.float32), (1, 1), (1, 1))
+    assert cache.method == "winograd" and out.dtype == np.float32
+    np.testing.assert_allclose(out, expected, rtol=0, atol=2e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("method", ["im2col", "winograd"])
+def test_conv_gradients_of_the_fast_paths(method, monkeypatch):
+    if method == "winograd":
+        monkeypatch.setattr(C, "WINOGRAD_MIN_CHANNELS", 1)
+    x = channels_last_view(np.random.default_rng(31).standard_normal((2, 3, 5, 6)))
+    for padding in (0, 1, 2):
+        layer = L.Conv2D(3, 2, 3, 1, padding, seed=8, dtype=F64)
+        errors = gradient_errors(layer, x)
+        assert layer._cache.method == method and max(errors.values()) < TOLERANCE, (padding, errors)
+
+
+def test_a_reused_workspace_gives_the_results_of_a_fresh_layer():
+    # The same layer on batches of different data, sizes and dtypes: its scratch arrays (padded
+    # input, im2col blocks) are reused or replaced, never stale; every result equals a fresh layer's.
+    rng = np.random.default_rng(32)
+    layer = L.Conv2D(3, 4, 3, padding=1, seed=3, dtype=F64)
+    for n, dtype in ((4, F64), (4, F64), (1, F64), (4, F64), (3, np.float32)):
+        layer.params = {k: v.astype(dtype) for k, v in layer.params.items()}
+        fresh = L.Conv2D(3, 4, 3, padding=1, dtype=dtype)
+        fresh.params = {k: v.copy() for k, v in layer.params.items()}
+        x = channels_last_view(rng.standard_normal((n, 3, 6, 5)).astype(dtype))
+        dout = channels_last_view(rng.standard_normal((n, 4, 6, 5)).astype(dtype))
+        out = layer.forward(x)
+        assert out.dtype == dtype
+        np.testing.assert_array_equal(out, fresh.forward(x))
+        np.testing.assert_array_equal(layer.backward(dout), fresh.backward(dout))
+        np.testing.assert_array_equal(layer.grads["W"], fresh.grads["W"])
+    assert layer.work.nbytes() > 0
+
+
+def test_workspace_arrays_are_reused_and_padding_borders_stay_zero():
+    work = C.Workspace()
+    a = work.get("a", (2, 3), np.float32, zeros=True)
+    a[1:, 1:] = 5
+    assert work.get("a", (2, 3), np.float32) is a                      # same shape and dtype: same array
+    assert work.get("a", (2, 4), np.float32) is not a                  # otherwise a new one
+    s = work.scratch("s", (4, 5), np.float64)
+    assert s.shape == (4, 5) and work.scratch("s", (2, 3), np.float64).base is s.base   # a smaller view
+    layer = L.Conv2D(1, 1, 3, padding=1, dtype=F64)
+    layer.params["W"][...] = 1
+    for value in (1.0, 2.0):                                           # only the interior is rewritten
+        out = layer.forward(np.full((1, 1, 3, 3), value))
+        np.testing.assert_array_equal(out[0, 0], value * np.array([[4, 6, 4], [6, 9, 6], [4, 6, 4]]))
+
+
+def test_vectorized_layers_hand_on_channels_last_memory():
+    x = np.random.default_rng(33).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    model = [L.Conv2D(3, 4, 3, padding=1), L.BatchNorm(4), L.ReLU(), L.MaxPool2D(2), L.Conv2D(4, 5, 3)]
+    for layer in model:
+        x = layer.forward(x)
+        assert np.moveaxis(x, 1, -1).flags.c_contiguous and x.dtype == np.float32, layer
+    g = np.ones_like(x)
+    for layer in reversed(model[1:]):
+        g = layer.backward(g)
+        assert np.moveaxis(g, 1, -1).flags.c_contiguous and g.dtype == np.float32, layer
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (4, 3, 5), (3, 3, 4, 5), (1, 3, 3, 1)])
+@pytest.mark.parametrize("layout", ["channels-first", "channels-last"])
+def test_batchnorm_one_pass_statistics_match_the_loop_in_any_layout(shape, layout):
+    rng = np.random.default_rng(34)
+    x = rng.standard_normal(shape) * 3 + 2
+    as_layout = channels_last_view if layout == "channels-last" else (lambda a: a)
+    loop, vec = (L.BatchNorm(3, impl=i, dtype=F64) for i in L.IMPLS)
+    out = vec.forward(as_layout(x))
+    np.testing.assert_allclose(out, loop.forward(x), rtol=1e-10, atol=1e-12)
+    dout = rng.standard_normal(shape)
+    np.testing.assert_allclose(vec.backward(as_layout(dout)), loop.backward(dout), rtol=1e-10, atol=1e-12)
+    for name in ("gamma", "beta"):
+        np.testing.assert_allclose(vec.grads[name], loop.grads[name], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(vec.buffers["running_var"], loop.buffers["running_var"], rtol=1e-10)
+
+
+def test_batchnorm_float32_keeps_its_digits_when_the_mean_dwarfs_the_spread():
+    # E[x^2] - mean^2 alone would lose every digit of the variance here (mean 1e4, std 1 in
+    # float32); the vectorized forward notices and recomputes from centred values.
+    rng = np.random.default_rng(35)
+    x = rng.standard_normal((64, 4, 6, 6)) + np.array([1e4, -3e3, 0.0, 50.0])[:, None, None]
+    dout = rng.standard_normal(x.shape)
+    ref, ref_cache = C.batchnorm_forward_loop(x, np.ones(4), np.zeros(4))
+    dref = C.batchnorm_backward_loop(dout, ref_cache)
+    layer = L.BatchNorm(4)
+    out = layer.forward(channels_last_view(x.astype(np.float32)))
+    dx = layer.backward(channels_last_view(dout.astype(np.float32)))
+    assert out.dtype == dx.dtype == np.float32
+    np.testing.assert_allclose(out, ref, atol=2e-3)
+    np.testing.assert_allclose(dx, dref[0], atol=2e-3 * np.abs(dref[0]).max())
+    np.testing.assert_allclose(layer.grads["gamma"], dref[1], rtol=1e-3, atol=1e-2)
+
+
+def test_a_float32_training_step_makes_no_float64():
+    import cnn_model as M
+    model = M.conv_net(in_channels=3, input_size=8, channels=(4, 8), convs_per_block=2, batchnorm=True,
+                       hidden=6, seed=0)
+    x = np.random.default_rng(36).standard_normal((5, 3, 8, 8)).astype(np.float32)
+    loss_fn = L.SoftmaxCrossEntropy()
+    out = model.forward(x)
+    loss_fn.forward(out, np.arange(5) % 10)
+    assert model.backward(loss_fn.backward()).dtype == np.float32
+    assert out.dtype == np.float32 and all(g.dtype == np.float32 for _, _, g in model.parameters())

@@ -393,7 +393,7 @@ def test_unreadable_files_are_named_and_counted_or_skipped(tmp_path):
 def test_uint8_option_and_auto_dtype(tmp_path, monkeypatch):
     root = as_folder(tmp_path / "pets", image_layout())
     as_uint8, _ = load(root, dtype=np.uint8, validation_size=2, seed=3)
-    as_float, _ = load(root, dtype=np.float32, validation_size=2, seed=3)
+    as_float, _ = load(root, dtype="float32", validation_size=2, seed=3)
     assert as_uint8.x_train.dtype == np.uint8 and as_float.x_train.dtype == np.float32
     for split in ("train", "val", "test"):
         assert np.array_equal(getattr(as_uint8, f"x_{split}") / np.float32(255), getattr(as_float, f"x_{split}"))

@@ -1,9 +1,12 @@
 """Sequential: implementations, initialisation, whole-network gradients, saving and loading, builders."""
+import json
+import math
 import os
 
 import numpy as np
 import pytest
 
+import cnn_core as C
 import cnn_layers as L
 import cnn_model as M
 import cnn_gradcheck as G
@@ -185,3 +188,201 @@ def test_num_params_counts_every_trained_parameter():
     assert model.num_params() == (4 * 3 * 3 * 3 + 4) + (4 + 4) + (16 * 5 + 5)
     assert model.summary((3, 4, 4)).endswith(f"total parameters: {model.num_params():,}")
     assert M.Sequential([L.Flatten()]).num_params() == 0
+
+
+# ---------------------------------------------------------------- frozen layers
+
+def test_frozen_layers_are_counted_apart_saved_and_loaded(tmp_path):
+    model = M.Sequential([L.Conv2D(3, 4, 3), L.BatchNorm(4), L.Flatten(), L.Dense(4 * 2 * 2, 5)])
+    model.layers[0].trainable = False
+    assert model.num_params(trainable_only=True) == model.num_params() - (4 * 3 * 3 * 3 + 4)
+    assert [key for key, _, _ in model.parameters(trainable_only=True)] == ["1.gamma", "1.beta", "3.W", "3.b"]
+    assert "Conv2D 3->4 3x3 (frozen)" in model.summary((3, 4, 4))
+    model.save(tmp_path / "frozen.npz")
+    loaded = M.Sequential.load(tmp_path / "frozen.npz")
+    assert [layer.trainable for layer in loaded.layers] == [False, True, True, True]
+    # files written before the flag existed have no "trainable" entry: every layer is trained
+    arrays = dict(np.load(tmp_path / "frozen.npz"))
+    architecture = json.loads(str(arrays["architecture"]))
+    for spec in architecture:
+        del spec["trainable"]
+    arrays["architecture"] = np.array(json.dumps(architecture))
+    np.savez(tmp_path / "old.npz", **arrays)
+    assert all(layer.trainable for layer in M.Sequential.load(tmp_path / "old.npz").layers)
+    architecture[0]["trainable"] = "no"
+    arrays["architecture"] = np.array(json.dumps(architecture))
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ValueError, match="bad.npz.*trainable must be true or false"):
+        M.Sequential.load(tmp_path / "bad.npz")
+
+
+def test_initialisation_leaves_frozen_layers_alone():
+    conv = L.Conv2D(1, 2, 3)
+    conv.params["W"][...] = 7.0
+    conv.trainable = False
+    model = M.Sequential([conv, L.ReLU(), L.Flatten(), L.Dense(2, 3)], seed=0)
+    assert np.all(model.layers[0].params["W"] == 7.0)
+    assert not np.all(model.layers[3].params["W"] == 0)
+
+
+def test_backward_skips_the_frozen_layers_in_front():
+    rng = np.random.default_rng(5)
+    model = M.Sequential([L.Conv2D(2, 3, 3, padding=1, dtype=F64), L.ReLU(), L.Conv2D(3, 2, 3, dtype=F64),
+                          L.ReLU(), L.Flatten(), L.Dense(8, 3, dtype=F64)], seed=1)
+    x, dout = rng.standard_normal((2, 2, 4, 4)), rng.standard_normal((2, 3))
+    model.forward(x)
+    model.backward(dout)
+    full = {key: grad.copy() for key, _, grad in model.parameters()}
+    model.layers[0].trainable = False
+    model.layers[0].grads = {}
+    model.forward(x)
+    assert model.backward(dout, input_grad=False) is None
+    assert model.layers[0].grads == {}                       # no backward pass through the frozen stem
+    for key, _, grad in model.parameters(trainable_only=True):
+        np.testing.assert_array_equal(grad, full[key], err_msg=key)
+    assert model.backward(dout).shape == x.shape             # an input gradient still goes all the way
+
+
+# ---------------------------------------------------------------- whitening initialisation
+
+def patch_covariance(out):
+    """Covariance (C, C) and mean of the channel vectors of out (N, C, H, W) over all positions."""
+    rows = out.transpose(0, 2, 3, 1).reshape(-1, out.shape[1]).astype(np.float64)
+    return np.cov(rows, rowvar=False, bias=True), rows.mean(axis=0)
+
+
+def correlated_images(n=60, size=9, seed=0):
+    """Images whose channels and neighbouring pixels are strongly correlated, unlike white noise."""
+    rng = np.random.default_rng(seed)
+    base = rng.random((n, 1, size + 1, size + 1))
+    smooth = (base[:, :, 1:, 1:] + base[:, :, :-1, 1:] + base[:, :, 1:, :-1]) / 3
+    return np.concatenate([smooth, 0.6 * smooth + 0.4 * rng.random((n, 1, size, size)),
+                           rng.random((n, 1, size, size)) * 0.1], axis=1).astype(np.float32)
+
+
+def test_whitening_conv_whitens_the_patches_of_the_data():
+    x = correlated_images()
+    before, _ = patch_covariance(M._patch_rows(x, 2).T.reshape(12, len(x), 8, 8).transpose(1, 0, 2, 3))
+    assert np.abs(before - np.diag(np.diag(before))).max() > 0.01           # correlated to begin with
+    layer = M.whitening_conv(x, kernel_size=2, eps=1e-9)
+    assert isinstance(layer, L.Conv2D) and layer.trainable is False
+    assert (layer.in_channels, layer.out_channels, layer.kernel_size, layer.padding) == (3, 24, (2, 2), (0, 0))
+    out = layer.forward(x, training=False)
+    cov, mean = patch_covariance(out[:, :12])
+    np.testing.assert_allclose(cov, np.eye(12), atol=2e-4)
+    np.testing.assert_allclose(mean, 0, atol=2e-4)
+    np.testing.assert_array_equal(layer.params["W"][12:], -layer.params["W"][:12])   # and their negatives
+    np.testing.assert_array_equal(layer.params["b"][12:], -layer.params["b"][:12])
+    # eps damps the weak directions: variance lambda / (lambda + eps) per component, strongest first
+    damped = np.diag(patch_covariance(M.whitening_conv(x, eps=1.0).forward(x, training=False)[:, :12])[0])
+    assert np.all(damped < 1) and np.all(np.diff(damped) <= 1e-6) and damped[0] - damped[-1] > 0.2, damped
+
+
+def test_whitening_conv_takes_uint8_images_like_fit_and_checks_its_input():
+    x8 = np.random.default_rng(2).integers(0, 256, (20, 1, 6, 6), dtype=np.uint8)
+    a, b = M.whitening_conv(x8, 3), M.whitening_conv(x8.astype(np.float32) / 255, 3)
+    np.testing.assert_allclose(a.params["W"], b.params["W"], rtol=1e-4)
+    assert a.params["W"].shape == (18, 1, 3, 3)
+    for bad, message in [(x8[:, 0], r"\(N, C, H, W\)"), (x8[:, :, :2], "H, W >= kernel_size"),
+                         (x8.astype(np.int32), "dtype int32")]:
+        with pytest.raises(ValueError, match=message):
+            M.whitening_conv(bad, 3)
+    with pytest.raises(ValueError, match="eps must be"):
+        M.whitening_conv(x8, 3, eps=0)
+    with pytest.raises(ValueError, match="kernel_size must be"):
+        M.whitening_conv(x8, 0)
+
+
+# ---------------------------------------------------------------- test-time augmentation
+
+def test_flip_tta_is_exact_for_a_mirror_symmetric_model_and_none_is_unchanged():
+    rng = np.random.default_rng(8)
+    x = rng.random((7, 2, 5, 6), dtype=np.float32)
+    # 1x1 convolution and a global max pool commute with mirroring, rounding included
+    symmetric = M.Sequential([L.Conv2D(2, 4, 1), L.ReLU(), L.MaxPool2D((5, 6)), L.Flatten(), L.Dense(4, 3)])
+    np.testing.assert_array_equal(symmetric.predict_proba(x, batch_size=3, tta="flip"),
+                                  symmetric.predict_proba(x, batch_size=3))
+    model = M.Sequential([L.Conv2D(2, 3, 3), L.ReLU(), L.Flatten(), L.Dense(3 * 3 * 4, 3)], seed=4)
+    logits = model.forward(x, training=False)
+    np.testing.assert_array_equal(model.predict_proba(x, batch_size=3, tta=None), model.predict_proba(x, 3))
+    np.testing.assert_allclose(model.predict_proba(x), C.softmax(logits), rtol=1e-6)
+    mirrored = model.forward(x[..., ::-1].copy(), training=False)
+    expected = C.softmax((logits + mirrored) / 2)                     # the mean of logits, not probabilities
+    np.testing.assert_allclose(model.predict_proba(x, tta="flip"), expected, rtol=1e-6)
+    np.testing.assert_array_equal(model.predict(x, tta="flip"), expected.argmax(axis=1))
+    assert not np.allclose(expected, (C.softmax(logits) + C.softmax(mirrored)) / 2, rtol=1e-6)
+    with pytest.raises(ValueError, match="tta must be None"):
+        model.predict(x, tta=True)
+    with pytest.raises(ValueError, match=r"tta='flip'.*\(N, C, H, W\)"):
+        M.Sequential([L.Dense(6, 2)]).predict(x[:, 0, 0], tta="flip")
+
+
+# ---------------------------------------------------------------- the CIFAR network
+
+def test_cifar_net_builds_for_other_sizes_and_class_counts():
+    model = M.cifar_net(widths=(4, 8, 16))
+    assert model.forward(np.zeros((2, 3, 32, 32), np.float32)).shape == (2, 10)
+    kinds = [type(layer).__name__ for layer in model.layers[2:9]]
+    assert kinds == ["Conv2D", "MaxPool2D", "BatchNorm", "ReLU", "Conv2D", "BatchNorm", "ReLU"]
+    assert model.layers[-3].pool_size == (3, 3)                       # 32 -> 31 -> 15 -> 7 -> 3: global
+    big = M.cifar_net(widths=(4, 8, 16), input_size=64, num_classes=200)
+    assert big.forward(np.zeros((1, 3, 64, 64), np.float32)).shape == (1, 200)
+    assert big.layers[-3].pool_size == (7, 7)
+    gray = M.cifar_net(widths=(4, 8), in_channels=1, input_size=28)
+    assert gray.forward(np.zeros((1, 1, 28, 28), np.float32)).shape == (1, 10)
+    with pytest.raises(ValueError, match="too small"):
+        M.cifar_net(widths=(4, 8, 16), input_size=8)
+    with pytest.raises(ValueError, match="widths"):
+        M.cifar_net(widths=())
+
+
+def test_cifar_net_whitened_stem_is_frozen_and_kept():
+    x = correlated_images(n=20, size=8)
+    stem = M.whitening_conv(x)
+    model = M.cifar_net(widths=(4, 8), whiten=x, input_size=8, seed=3)
+    assert model.layers[0].trainable is False and model.layers[1].trainable is True
+    np.testing.assert_array_equal(model.layers[0].params["W"], stem.params["W"])
+    assert model.num_params(trainable_only=True) == model.num_params() - (24 * 3 * 2 * 2 + 24)
+    with pytest.raises(ValueError, match="whitening sample has 3 channels but in_channels is 1"):
+        M.cifar_net(widths=(4,), whiten=x, in_channels=1, input_size=8)
+
+
+def test_cifar_net_gradient():
+    """Every parameter of a small float64 cifar_net. A conv bias right before a max pool and a
+    BatchNorm is cancelled by the normalisation: its true gradient is 0 and its relative error
+    means nothing, so those are checked to be ~0 instead."""
+    model = M.cifar_net(widths=(2, 3), in_channels=1, input_size=8, seed=1, dtype=F64)
+    rng = np.random.default_rng(2)
+    x, y = rng.standard_normal((3, 1, 8, 8)), np.array([0, 4, 9])
+    errors = G.gradient_errors(model, x, y)
+    cancelled = {f"{i}.b" for i, layer in enumerate(model.layers[:-1])
+                 if isinstance(layer, L.Conv2D) and isinstance(model.layers[i + 1], (L.MaxPool2D, L.BatchNorm))}
+    assert len(cancelled) == 4
+    for key in cancelled:
+        assert np.abs(model.layers[int(key.split(".")[0])].grads["b"]).max() < 1e-12
+    checked = {key: error for key, error in errors.items() if key not in cancelled}
+    assert max(checked.values()) < TOLERANCE, checked
+
+
+# ---------------------------------------------------------------- GELU
+
+def test_gelu_loop_and_vectorized_agree_and_match_the_definition():
+    x = np.linspace(-5, 5, 41).reshape(1, 41)
+    fast, slow = L.GELU(), L.GELU(impl="loop")
+    y = fast.forward(x)
+    np.testing.assert_allclose(slow.forward(x), y, rtol=1e-15, atol=1e-15)
+    phi = 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))      # tanh form of Phi(x)
+    np.testing.assert_allclose(y, x * phi, rtol=1e-14)
+    erf_form = np.array([v * 0.5 * (1 + math.erf(v / math.sqrt(2))) for v in x.ravel()])
+    np.testing.assert_allclose(y.ravel(), erf_form, atol=1e-3)                 # the exact GELU, nearly
+    dout = np.random.default_rng(0).standard_normal(x.shape)
+    np.testing.assert_allclose(slow.backward(dout), fast.backward(dout), rtol=1e-14)
+    assert L.GELU().label() == "GELU" and M.Sequential([L.Dense(3, 4), L.GELU()])._init_scheme(0) == "he"
+
+
+@pytest.mark.parametrize("impl", L.IMPLS)
+def test_gelu_gradient(impl):
+    model = M.Sequential([L.Dense(5, 6, dtype=F64), L.GELU(impl=impl), L.Dense(6, 3, dtype=F64)], seed=3)
+    x, y = np.random.default_rng(4).standard_normal((4, 5)), np.array([0, 2, 1, 1])
+    errors = G.gradient_errors(model, x, y)
+    assert max(errors.values()) < TOLERANCE, errors

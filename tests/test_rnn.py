@@ -69,7 +69,7 @@ def test_gru_layer_gradients_match_finite_differences(bidirectional, return_sequ
 
 def test_gru_in_a_model_with_a_loss_matches_finite_differences():
     model = M.rows_gru_net(in_channels=2, input_size=4, hidden=3, bidirectional=True, read="all",
-                           num_classes=3, seed=1).astype(F64)
+                           row_features=5, num_classes=3, seed=1).astype(F64)
     x = np.random.default_rng(5).standard_normal((3, 2, 4, 4))
     errors = G.gradient_errors(model, x, y=np.array([0, 2, 1]))
     assert max(errors.values()) < 1e-7, errors
@@ -201,13 +201,29 @@ def test_orthogonal_recurrent_init_is_seeded():
 
 def test_save_and_load_a_gru_model(tmp_path):
     model = M.rows_gru_net(in_channels=3, input_size=8, hidden=5, bidirectional=True, read="all",
-                           dropout=0.1, num_classes=4, seed=2)
+                           row_features=6, dropout=0.1, num_classes=4, seed=2)
     x = np.random.default_rng(15).standard_normal((6, 3, 8, 8)).astype(np.float32)
     model.save(tmp_path / "gru.npz")
     loaded = M.Sequential.load(tmp_path / "gru.npz")
     assert [repr(layer) for layer in loaded.layers] == [repr(layer) for layer in model.layers]
-    assert isinstance(loaded.layers[1], R.GRU) and sorted(loaded.layers[1].params) == sorted(model.layers[1].params)
+    assert isinstance(loaded.layers[3], R.GRU) and sorted(loaded.layers[3].params) == sorted(model.layers[3].params)
     np.testing.assert_array_equal(loaded.predict_proba(x), model.predict_proba(x))
+
+
+def test_step_dense_is_one_dense_layer_on_every_step():
+    x = np.random.default_rng(19).standard_normal((3, 4, 5))
+    loop, vec = R.StepDense(5, 2, impl="loop", seed=0, dtype=F64), R.StepDense(5, 2, seed=0, dtype=F64)
+    out = vec.forward(x)
+    assert out.shape == (3, 4, 2)
+    np.testing.assert_allclose(out, x @ vec.params["W"] + vec.params["b"], rtol=1e-13)
+    np.testing.assert_allclose(loop.forward(x), out, rtol=1e-13)
+    dout = np.random.default_rng(20).standard_normal(out.shape)
+    np.testing.assert_allclose(loop.backward(dout), vec.backward(dout), rtol=1e-12)
+    for name in ("W", "b"):
+        np.testing.assert_allclose(loop.grads[name], vec.grads[name], rtol=1e-12)
+    assert max(G.gradient_errors(vec, x).values()) < 1e-7
+    with pytest.raises(ValueError, match=r"expected 5 features per time step.*\(3, 4, 6\)"):
+        vec.forward(np.zeros((3, 4, 6)))
 
 
 def test_rows_to_sequence_time_major_layout():

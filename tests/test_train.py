@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+import cnn_gradcheck as G
 import cnn_layers as L
 import cnn_model as M
 import cnn_train as T
@@ -60,7 +61,7 @@ def test_diverging_learning_rate_stops_with_a_clear_message():
         T.fit(model, x, y, T.SGD(lr=1e12), epochs=5, batch_size=16, progress=False, log=None)
 
 
-def _resume_setup():
+def _resume_setup(**extra):
     rng = np.random.default_rng(0)
     x, y = rng.random((48, 1, 8, 8), dtype=np.float32), rng.integers(0, 3, 48)
 
@@ -70,12 +71,23 @@ def _resume_setup():
 
     model = M.Sequential([L.Conv2D(1, 3, 3), L.ReLU(), L.MaxPool2D(2), L.Flatten(),
                           L.Dense(27, 8), L.ReLU(), L.Dropout(0.3), L.Dense(8, 3)], seed=3)
-    return model, x, y, dict(batch_size=10, seed=5, augment=flip, progress=False, log=None,
-                             schedule=T.step_schedule(0.01, 2, 0.5), validation=(x[:8], y[:8]))
+    kw = dict(batch_size=10, seed=5, augment=flip, progress=False, log=None,
+              schedule=T.step_schedule(0.01, 2, 0.5), validation=(x[:8], y[:8]))
+    return model, x, y, {**kw, **extra}
 
 
-def test_resumed_training_equals_an_uninterrupted_run(tmp_path):
-    model, x, y, kw = _resume_setup()
+# With weight averaging the checkpoint must carry the averages (and their update count):
+# without them a resumed run would restart the average from the epoch-2 weights.
+RESUME_SETTINGS = {
+    "plain": {},
+    "ema, label smoothing, per-step warm-up": dict(ema=0.9, label_smoothing=0.1,
+                                                   schedule=T.warmup_linear_schedule(0.01, 4, warmup=0.3)),
+}
+
+
+@pytest.mark.parametrize("settings", RESUME_SETTINGS.values(), ids=RESUME_SETTINGS.keys())
+def test_resumed_training_equals_an_uninterrupted_run(tmp_path, settings):
+    model, x, y, kw = _resume_setup(**settings)
     full = T.fit(model, x, y, T.Adam(), epochs=4, **kw)
 
     ckpt = tmp_path / "run.npz"
@@ -83,6 +95,14 @@ def test_resumed_training_equals_an_uninterrupted_run(tmp_path):
     T.fit(first, x, y, T.Adam(), epochs=2, checkpoint=ckpt, **kw)   # "interrupted" after 2 epochs
     resumed, *_ = _resume_setup()
     history = T.fit(resumed, x, y, T.Adam(), epochs=4, checkpoint=ckpt, **kw)
+    for (_, a, _), (_, b, _) in zip(model.parameters(), resumed.parameters()):
+        np.testing.assert_array_equal(a, b)
+    assert history.train_loss == full.train_loss and history.val_acc == full.val_acc
+    # a finished checkpoint resumes to the same (averaged) model without training again
+    again, *_ = _resume_setup()
+    T.fit(again, x, y, T.Adam(), epochs=4, checkpoint=ckpt, **kw)
+    for (_, a, _), (_, b, _) in zip(model.parameters(), again.parameters()):
+        np.testing.assert_array_equal(a, b)
 
     for (_, a, _), (_, b, _) in zip(model.parameters(), resumed.parameters()):
         np.testing.assert_array_equal(a, b)
@@ -159,6 +179,13 @@ def weights(model):
     (lambda: T.step_schedule(0.1, 2, gamma=0), "gamma"), (lambda: T.step_schedule(float("inf"), 2), "lr"),
     (lambda: T.cosine_schedule(0.1, epochs=0), "epochs"), (lambda: T.cosine_schedule(0.1, epochs=-1), "epochs"),
     (lambda: T.cosine_schedule(0.1, 10, lr_min=-1e-3), "lr_min"),
+    (lambda: T.warmup_linear_schedule(0, 10), "lr"), (lambda: T.warmup_linear_schedule(0.1, 0), "epochs"),
+    (lambda: T.warmup_linear_schedule(0.1, 2.5), "epochs"), (lambda: T.warmup_linear_schedule(0.1, 10, 1.0), "warmup"),
+    (lambda: T.warmup_linear_schedule(0.1, 10, -0.1), "warmup"),
+    (lambda: T.warmup_linear_schedule(0.1, 10, float("nan")), "warmup"),
+    (lambda: L.SoftmaxCrossEntropy(label_smoothing=1.0), "label_smoothing"),
+    (lambda: L.SoftmaxCrossEntropy(label_smoothing=-0.1), "label_smoothing"),
+    (lambda: T.WeightAverage(M.Sequential([L.Dense(2, 2)]), decay=1.0), "decay"),
 ])
 def test_bad_optimiser_and_schedule_hyperparameters_fail_at_construction(make, name):
     with pytest.raises(ValueError, match=rf"\b{name} must be"):
@@ -173,6 +200,9 @@ def test_bad_optimiser_and_schedule_hyperparameters_fail_at_construction(make, n
     (dict(epochs=0), "epochs must be a positive integer"),
     (dict(clip_norm=0.0), "clip_norm must be a finite number > 0"),
     (dict(schedule=lambda epoch: float("nan")), r"schedule\(0\).*must be a finite number > 0"),
+    (dict(label_smoothing=1.0), r"fit: label_smoothing must be a number in \[0, 1\)"),
+    (dict(ema=1.0), r"fit: ema .*must be a number in \(0, 1\)"),
+    (dict(ema=0), r"fit: ema .*must be a number in \(0, 1\)"),
     (dict(validation=(np.zeros((5, 1, 4, 5), np.float32), np.zeros(5, int))), "validation examples have shape"),
     (dict(validation=(np.zeros((5, 1, 4, 4), np.float32), np.zeros(4, int))), "5 inputs but 4 labels"),
     (dict(validation=(np.zeros((5, 1, 4, 4), np.float32), np.full(5, 7))), r"validation y.*0\.\.2"),
@@ -333,3 +363,233 @@ def test_fit_clip_norm_bounds_each_step():
     T.fit(huge, x, y, T.SGD(0.1), epochs=1, batch_size=8, clip_norm=1e9, progress=False, log=None)
     for a, b in zip(weights(unclipped), weights(huge)):
         np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------- label smoothing
+
+def plain_cross_entropy(logits, labels):
+    """The loss exactly as it was computed before label smoothing existed."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    log_probs = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    rows = np.arange(len(labels))
+    dlogits = np.exp(log_probs)
+    dlogits[rows, labels] -= 1
+    dlogits /= len(labels)
+    return float(-log_probs[rows, labels].mean()), dlogits
+
+
+def smoothed_cross_entropy_loop(logits, labels, eps):
+    """The definition, one term at a time: t = (1 - eps) onehot + eps / K, loss = mean_n -sum_k t log p."""
+    N, K = logits.shape
+    total = 0.0
+    for n in range(N):
+        m = max(logits[n])
+        log_sum = m + np.log(sum(np.exp(v - m) for v in logits[n]))
+        for k in range(K):
+            t = (1 - eps) * (k == labels[n]) + eps / K
+            total -= t * (logits[n, k] - log_sum)
+    return total / N
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_label_smoothing_zero_gives_exactly_the_plain_loss(dtype):
+    rng = np.random.default_rng(0)
+    logits, labels = (rng.standard_normal((7, 5)) * 3).astype(dtype), rng.integers(0, 5, 7)
+    expected_loss, expected_grad = plain_cross_entropy(logits, labels)
+    for loss_fn in (L.SoftmaxCrossEntropy(), L.SoftmaxCrossEntropy(label_smoothing=0.0)):
+        assert loss_fn.forward(logits, labels) == expected_loss
+        grad = loss_fn.backward()
+        assert grad.dtype == dtype
+        np.testing.assert_array_equal(grad, expected_grad)
+
+
+def test_label_smoothing_matches_its_definition_and_finite_differences():
+    rng = np.random.default_rng(1)
+    logits, labels, eps = rng.standard_normal((6, 4)) * 2, rng.integers(0, 4, 6), 0.2
+    loss_fn = L.SoftmaxCrossEntropy(label_smoothing=eps)
+    assert loss_fn.forward(logits, labels) == pytest.approx(smoothed_cross_entropy_loop(logits, labels, eps),
+                                                            rel=1e-12)
+    analytic = loss_fn.backward()
+    numeric = G.numeric_gradient(lambda: L.SoftmaxCrossEntropy(eps).forward(logits, labels), logits)
+    assert G.relative_error(analytic, numeric) < 1e-8
+    # the targets are (1 - eps) onehot + eps / K: the gradient is p - t, so each row sums to 0
+    np.testing.assert_allclose(analytic.sum(axis=1), 0, atol=1e-15)
+    assert L.SoftmaxCrossEntropy(eps).forward(np.zeros((2, 4)), [0, 1]) == pytest.approx(np.log(4))
+
+
+def test_fit_passes_label_smoothing_to_the_loss():
+    model, x, y = tiny_problem()
+    kw = dict(epochs=1, batch_size=24, progress=False, log=None)
+    plain = T.fit(model, x, y, T.SGD(0.1), **kw)
+    model, *_ = tiny_problem()
+    smooth = T.fit(model, x, y, T.SGD(0.1), label_smoothing=0.3, **kw)
+    fresh, *_ = tiny_problem()
+    expected = L.SoftmaxCrossEntropy(0.3).forward(fresh.forward(x), y)   # one batch: the loss before the step
+    assert smooth.train_loss[0] == pytest.approx(expected, rel=1e-6) != plain.train_loss[0]
+
+
+# ---------------------------------------------------------------- per-step schedules
+
+def test_warmup_linear_schedule_rises_then_falls_linearly():
+    schedule = T.warmup_linear_schedule(0.1, epochs=10, warmup=0.2)
+    assert schedule.per_step is True and T.is_per_step(schedule)
+    assert not T.is_per_step(T.cosine_schedule(0.1, 10)) and not T.is_per_step(T.step_schedule(0.1, 2))
+    assert [schedule(t) for t in (0, 1, 2, 6, 10)] == pytest.approx([0.0, 0.05, 0.1, 0.05, 0.0])
+    assert schedule(1.5) == pytest.approx(0.075)
+    flat_start = T.warmup_linear_schedule(0.1, epochs=4, warmup=0.0)
+    assert [flat_start(t) for t in (0, 1, 3.5)] == pytest.approx([0.1, 0.075, 0.0125])
+
+
+def test_fit_calls_per_step_schedules_every_batch_and_others_once_per_epoch():
+    model, x, y = tiny_problem()                         # 24 examples, batches of 8: 3 batches per epoch
+    used, calls = [], []
+    optimizer = T.SGD(0.1)
+
+    def record_lr(xb, rng):                             # augment runs after fit sets the rate of the batch
+        used.append(optimizer.lr)
+        return xb
+
+    def per_epoch(epoch):
+        calls.append(epoch)
+        return 0.1 / (1 + epoch)
+
+    kw = dict(epochs=2, batch_size=8, progress=False, log=None, augment=record_lr)
+    history = T.fit(model, x, y, optimizer, schedule=per_epoch, **kw)
+    assert calls == [0, 1] and all(isinstance(e, int) for e in calls)          # as before: whole epochs
+    assert used == [0.1] * 3 + [0.05] * 3 and history.lr == [0.1, 0.05]
+    used.clear()
+    warm = T.warmup_linear_schedule(0.3, epochs=2, warmup=0.5)
+    history = T.fit(model, x, y, optimizer, schedule=warm, **kw)
+    assert used == pytest.approx([warm(e + b / 3) for e in range(2) for b in range(3)])
+    assert used == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.2, 0.1]) and history.lr == pytest.approx([0.2, 0.1])
+
+
+# ---------------------------------------------------------------- weight averaging (EMA)
+
+def test_weight_average_by_hand_and_applied_restores_the_weights_exactly():
+    model, layer = one_weight_model()                    # W = 1
+    average = T.WeightAverage(model, decay=0.9)
+    expected = 1.0
+    for step, w in enumerate([2.0, 4.0, 0.5, 3.0]):
+        layer.params["W"][...] = w
+        average.update(model)
+        d = min(0.9, (1 + step) / (10 + step))          # 0.1, 2/11, 0.25, 4/13: the ramp, then 0.9
+        expected = d * expected + (1 - d) * w
+        assert average.arrays["param.0.W"][0, 0] == pytest.approx(expected)
+    bn = M.Sequential([L.BatchNorm(2)])
+    bn_average = T.WeightAverage(bn, 0.5)
+    bn.layers[0].buffers["running_mean"][...] = 4.0
+    bn_average.update(bn)                               # buffers are averaged too: d = 0.1 at first
+    assert bn_average.arrays["buffer.0.running_mean"] == pytest.approx([3.6, 3.6])
+    live = layer.params["W"].copy()
+    with average.applied(model):
+        assert layer.params["W"][0, 0] == pytest.approx(expected) != live[0, 0]
+    np.testing.assert_array_equal(layer.params["W"], live)
+
+
+def test_fit_with_ema_validates_and_returns_the_averaged_weights():
+    model, x, y = tiny_problem()
+    snapshots = []                                      # the weights before every step of a plain run
+    kw = dict(epochs=2, batch_size=8, progress=False, log=None, validation=(x, y))
+    T.fit(model, x, y, T.SGD(0.5), augment=lambda xb, rng: snapshots.append(weights(model)) or xb, **kw)
+    trajectory = snapshots[1:] + [weights(model)]       # the weights after every step
+    averaged, *_ = tiny_problem()
+    history = T.fit(averaged, x, y, T.SGD(0.5), ema=0.8, **kw)
+    expected = [w.astype(np.float64) for w in snapshots[0]]
+    for t, after in enumerate(trajectory):
+        d = min(0.8, (1 + t) / (10 + t))
+        expected = [d * e + (1 - d) * a for e, a in zip(expected, after)]
+    for got, want, live in zip(weights(averaged), expected, trajectory[-1]):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        assert not np.allclose(got, live)              # not the last weights
+    assert history.val_loss[-1] == T.evaluate(averaged, x, y)[0]     # validated with the averages
+
+
+def test_resuming_with_another_ema_setting_is_refused(tmp_path):
+    model, x, y = tiny_problem()
+    kw = dict(batch_size=8, progress=False, log=None)
+    for written, given in [(0.9, None), (None, 0.9), (0.9, 0.99)]:
+        ckpt = tmp_path / f"{written}-{given}.npz"
+        T.fit(model, x, y, T.SGD(0.1), epochs=1, checkpoint=ckpt, ema=written, **kw)
+        with pytest.raises(T.CheckpointError, match=rf"ema={written}, but fit was given ema={given}"):
+            T.fit(model, x, y, T.SGD(0.1), epochs=2, checkpoint=ckpt, ema=given, **kw)
+    arrays = dict(np.load(tmp_path / "0.9-None.npz"))
+    del arrays["ema.param.1.W"]
+    np.savez(tmp_path / "damaged.npz", **arrays)
+    with pytest.raises(T.CheckpointError, match=r"weight average ema.param.1.W is missing.*Delete it"):
+        T.fit(model, x, y, T.SGD(0.1), epochs=2, checkpoint=tmp_path / "damaged.npz", ema=0.9, **kw)
+
+
+# ---------------------------------------------------------------- frozen layers
+
+def frozen_problem():
+    model, x, y = tiny_problem()
+    model.layers[1].trainable = False                   # Dense 16 -> 8
+    return model, x, y
+
+
+def test_optimisers_and_clipping_skip_frozen_layers():
+    for optimizer in (T.SGD(0.1, momentum=0.9, weight_decay=0.1), T.Adam(weight_decay=0.1)):
+        model, x, y = frozen_problem()
+        frozen, trained = model.layers[1], model.layers[3]
+        before = {k: v.copy() for k, v in frozen.params.items()}
+        model.forward(x)
+        model.backward(np.ones((24, 3)))
+        frozen.grads = {k: np.ones_like(v) for k, v in frozen.params.items()}    # a gradient it must ignore
+        trained_before = trained.params["W"].copy()
+        optimizer.step(model)
+        for key in before:
+            np.testing.assert_array_equal(frozen.params[key], before[key])        # no update, no weight decay
+        assert not np.array_equal(trained.params["W"], trained_before)
+        assert all(not key.startswith("1.") for bufs in optimizer.state.values() for key in bufs)
+    model, _ = one_weight_model(grad_w=3.0, grad_b=4.0)
+    model.layers.insert(0, L.Dense(1, 1, dtype=F64))
+    model.layers[0].trainable = False
+    model.layers[0].grads = {"W": np.full((1, 1), 100.0), "b": np.full(1, 100.0)}
+    assert T.clip_gradients(model, 1.0) == pytest.approx(5.0)                    # the frozen 100s do not count
+    assert model.layers[0].grads["W"][0, 0] == 100.0
+
+
+def test_fit_leaves_frozen_layers_unchanged_and_trains_the_rest():
+    model, x, y = frozen_problem()
+    before = weights(model)
+    T.fit(model, x, y, T.Adam(1e-2, weight_decay=0.1), epochs=2, batch_size=8, progress=False, log=None,
+          clip_norm=1.0)
+    after = weights(model)
+    np.testing.assert_array_equal(after[0], before[0])                    # layer 1 W
+    np.testing.assert_array_equal(after[1], before[1])                    # layer 1 b
+    assert not np.array_equal(after[2], before[2])
+    assert model.num_params(trainable_only=True) == model.num_params() - (16 * 8 + 8)
+
+
+# ---------------------------------------------------------------- test-time augmentation
+
+def test_evaluate_with_flip_tta_averages_the_logits():
+    rng = np.random.default_rng(3)
+    x, y = rng.random((10, 2, 4, 4), dtype=np.float32), rng.integers(0, 3, 10)
+    model = M.Sequential([L.Conv2D(2, 3, 3), L.ReLU(), L.Flatten(), L.Dense(12, 3)], seed=2)
+    assert T.evaluate(model, x, y, batch_size=4) == T.evaluate(model, x, y, batch_size=4, tta=None)
+    logits = (model.forward(x, training=False) + model.forward(x[..., ::-1].copy(), training=False)) / 2
+    loss, acc = T.evaluate(model, x, y, batch_size=4, tta="flip")
+    assert loss == pytest.approx(L.SoftmaxCrossEntropy().forward(logits, y), rel=1e-6)
+    assert acc == np.mean(logits.argmax(axis=1) == y)
+    with pytest.raises(ValueError, match="evaluate: tta must be None.*or 'flip'"):
+        T.evaluate(model, x, y, tta="rotate")
+    flat = M.Sequential([L.Dense(4, 3)])
+    with pytest.raises(ValueError, match=r"evaluate: tta='flip' .*\(N, C, H, W\)"):
+        T.evaluate(flat, x[:, 0, 0], y, tta="flip")
+
+
+# ---------------------------------------------------------------- the MNIST recipe
+
+def test_mnist_recipe_builds_and_trains_with_every_technique():
+    model, optimizer, kwargs = T.mnist_recipe(seed=1, epochs=1, batch_size=16)
+    assert isinstance(optimizer, T.SGD) and optimizer.nesterov and T.is_per_step(kwargs["schedule"])
+    assert kwargs["ema"] == T.MNIST_RECIPE["ema"] and kwargs["label_smoothing"] == T.MNIST_RECIPE["label_smoothing"]
+    assert sum(isinstance(layer, L.BatchNorm) for layer in model.layers) == 3
+    rng = np.random.default_rng(0)
+    x, y = rng.random((32, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, 32)
+    history = T.fit(model, x, y, optimizer, progress=False, log=None, validation=(x[:8], y[:8]), **kwargs)
+    assert len(history.val_acc) == 1 and np.isfinite(history.train_loss[0])
+    with pytest.raises(ValueError, match=r"unknown settings \['epoch'\]"):
+        T.mnist_recipe(epoch=3)
