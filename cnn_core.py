@@ -23,7 +23,9 @@ Conventions
 from __future__ import annotations
 
 import math
+import os
 from collections import namedtuple
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -151,22 +153,74 @@ def _column_sums(X):
     return np.ones(X.shape[0], dtype=X.dtype) @ X
 
 
+# BLAS runs a matrix product on every core, NumPy an elementwise operation on
+# one. NumPy releases the GIL inside its loops, so Python threads that each take
+# a part of the rows (or of the batch) do run at the same time: the elementwise
+# layers use all THREADS cores too. THREADS = 1 runs everything in the caller.
+THREADS = os.cpu_count() or 1
+PARALLEL_MIN_BYTES = 1 << 20            # smaller work is not worth a hand-off (tens of microseconds)
+_executor = None
+
+
+def _parallel(fn, n, nbytes):
+    """Call fn(lo, hi) on consecutive ranges covering 0..n, in up to THREADS
+    threads (the caller takes the first range) when the work touches at least
+    PARALLEL_MIN_BYTES; the ranges must be independent."""
+    global _executor
+    parts = min(THREADS, n, max(1, nbytes // PARALLEL_MIN_BYTES))
+    if parts <= 1:
+        fn(0, n)
+        return
+    if _executor is None or _executor._max_workers < parts - 1:
+        _executor = ThreadPoolExecutor(max_workers=THREADS - 1, thread_name_prefix="cnn_core")
+    bounds = [n * k // parts for k in range(parts + 1)]
+    others = [_executor.submit(fn, bounds[k], bounds[k + 1]) for k in range(1, parts)]
+    fn(bounds[0], bounds[1])
+    for future in others:
+        future.result()
+
+
+def _copy(out, x):
+    """out[...] = x, the batch split between the threads."""
+    def part(lo, hi):
+        out[lo:hi] = x[lo:hi]
+    _parallel(part, len(out), 2 * out.nbytes)
+
+
+def _column_dots(A, B):
+    """sum_i A[i, c] * B[i, c] for every column c of two (m, C) matrices: one
+    einsum pass per thread, no temporary array."""
+    partial = {}
+
+    def part(lo, hi):
+        partial[lo] = np.einsum("ij,ij->j", A[lo:hi], B[lo:hi])
+    _parallel(part, len(A), 2 * A.nbytes)
+    return sum(partial[lo] for lo in sorted(partial))
+
+
 def _scale_shift(X, scale, shift, out=None):
     """out = X * scale + shift for per-column (C,) vectors, in chunks of rows that
     stay in the L2 cache (so the second operation costs almost nothing)."""
     out = np.empty_like(X) if out is None else out
     Xw, ow, (scale, shift) = _widen(X), _widen(out), _tile(X, scale, shift)
-    for rows in _row_chunks(Xw):
-        np.multiply(Xw[rows], scale, out=ow[rows])
-        ow[rows] += shift
+    chunks = _row_chunks(Xw)
+
+    def part(lo, hi):
+        for rows in chunks[lo:hi]:
+            np.multiply(Xw[rows], scale, out=ow[rows])
+            ow[rows] += shift
+    _parallel(part, len(chunks), 2 * X.nbytes)
     return out
 
 
-def _row_chunks(X, nbytes=1 << 18):
-    """Slices of the rows of the matrix X, each about ``nbytes`` (256 KB): the
-    operands of a chain of elementwise operations on one chunk stay in the L2
-    cache, so only the first and last operation go to memory."""
-    step = max(1, nbytes // max(1, X.shape[1] * X.itemsize))
+ROW_CHUNK_BYTES = 1 << 18
+
+
+def _row_chunks(X):
+    """Slices of the rows of the matrix X, each about ROW_CHUNK_BYTES (256 KB):
+    the operands of a chain of elementwise operations on one chunk stay in the
+    L2 cache, so only the first and last operation go to memory."""
+    step = max(1, ROW_CHUNK_BYTES // max(1, X.shape[1] * X.itemsize))
     return [slice(i, i + step) for i in range(0, X.shape[0], step)]
 
 
@@ -256,7 +310,7 @@ def _padded(x, padding, work, name, axes=(1, 2)):
         shape[axis] += 2 * p
         inner[axis] = slice(p, p + x.shape[axis])
     xp = work.get(f"{name}.padded{ph},{pw}", shape, x.dtype, zeros=True)
-    xp[tuple(inner)] = x
+    _copy(xp[tuple(inner)], x)
     return xp
 
 
@@ -308,26 +362,46 @@ def _block_cols(windows, block, work, name, channels_first=False):
     return cols.reshape(-1, math.prod(part.shape[3:]))
 
 
+CONV_THREADS = 1     # experiment: blocks of im2col + product split between threads
+
+
 def _conv_products(windows, W_mat, out, work, name, bias=None, channels_first=False):
     """out (N, OH, OW, F) = im2col(windows) @ W_mat (+ bias), block by block."""
     F = W_mat.shape[1]
-    for block in _blocks(windows):
-        n0, n1, r0, r1 = block
-        part = out[n0:n1, r0:r1].reshape(-1, F)                 # a view: whole images or one image's rows
-        np.matmul(_block_cols(windows, block, work, name, channels_first), W_mat, out=part)
-        if bias is not None:
-            part += bias
+    blocks = _blocks(windows)
+
+    def part(lo, hi):
+        for block in blocks[lo:hi]:
+            n0, n1, r0, r1 = block
+            rows = out[n0:n1, r0:r1].reshape(-1, F)             # a view: whole images or one image's rows
+            np.matmul(_block_cols(windows, block, work, f"{name}{lo}", channels_first), W_mat, out=rows)
+            if bias is not None:
+                rows += bias
+    if CONV_THREADS > 1:
+        _parallel(part, len(blocks), out.nbytes * 10)
+    else:
+        part(0, len(blocks))
 
 
 def _conv_filter_products(windows, g, work, name, channels_first=False):
     """dW_mat (kh*kw*C, F) = im2col(windows)^T @ g, summed block by block."""
     F = g.shape[-1]
-    dW = None
-    for block in _blocks(windows):
-        n0, n1, r0, r1 = block
-        product = _block_cols(windows, block, work, name, channels_first).T @ g[n0:n1, r0:r1].reshape(-1, F)
-        dW = product if dW is None else np.add(dW, product, out=dW)
-    return dW
+    blocks = _blocks(windows)
+    sums = {}
+
+    def part(lo, hi):
+        dW = None
+        for block in blocks[lo:hi]:
+            n0, n1, r0, r1 = block
+            cols = _block_cols(windows, block, work, f"{name}{lo}", channels_first)
+            product = cols.T @ g[n0:n1, r0:r1].reshape(-1, F)
+            dW = product if dW is None else np.add(dW, product, out=dW)
+        sums[lo] = dW
+    if CONV_THREADS > 1:
+        _parallel(part, len(blocks), g.nbytes * 10)
+    else:
+        part(0, len(blocks))
+    return sum(sums[lo] for lo in sorted(sums))
 
 
 def check_labels(labels, n, num_classes, where):
@@ -396,47 +470,32 @@ def conv2d_backward_loop(dout, cache, input_grad=True):
     return (dxp[:, :, ph:dxp.shape[2] - ph, pw:dxp.shape[3] - pw] if input_grad else None), dW, db
 
 
-# Two algorithms compute the vectorized convolution. im2col (any kernel, stride
-# and padding): every window becomes one row of a matrix, then one matrix
-# product. Winograd F(2x2, 3x3) for 3x3 kernels at stride 1 with at least
-# WINOGRAD_MIN_CHANNELS input channels (CIFAR's and MNIST's inner layers): 2.25x
-# fewer multiplications and a 4x instead of 9x expansion of the input; with
-# fewer channels its transforms cost more than they save.
-WINOGRAD_MIN_CHANNELS = 10 ** 9
-
-ConvCache = namedtuple("ConvCache", "method x_shape data W stride padding")
+ConvCache = namedtuple("ConvCache", "method x_shape padded W stride padding")
 
 
-def conv_method(x, kernel, stride):
-    """How the vectorized convolution computes x (N, C, H, W) * W: "winograd",
-    "im2col" (windows copied channels-last) or "im2col-cf" (channels-first,
+def conv_method(x):
+    """How the vectorized convolution reads the windows of x (N, C, H, W):
+    "im2col" (channels-last: runs of C values) or "im2col-cf" (channels-first,
     for an input laid out channels-first in memory, such as a batch of images
-    with 1 or 3 channels: the first layer)."""
-    C = x.shape[1]
-    if tuple(kernel) == (3, 3) and tuple(stride) == (1, 1) and C >= WINOGRAD_MIN_CHANNELS:
-        return "winograd"
-    return "im2col-cf" if C == 1 or abs(x.strides[1]) > abs(x.strides[-1]) else "im2col"
+    with 1 or 3 channels at the first layer: runs of OW values)."""
+    return "im2col-cf" if x.shape[1] == 1 or abs(x.strides[1]) > abs(x.strides[-1]) else "im2col"
 
 
 def conv2d_forward_vectorized(x, W, b, stride=(1, 1), padding=(0, 0), work=None):
-    """Same maths as the loop version as matrix products, channels-last.
+    """Same maths as the loop version as matrix products (im2col), channels-last.
 
-    im2col: every window becomes one row of a matrix (N*OH*OW, kh*kw*C)
-    ordered (p, q, c), so each piece copied into it is a contiguous run of C
-    channel values, and out = cols @ W_mat with W_mat = W reordered to
-    (kh*kw*C, F); the matrix is built and multiplied a block of rows at a time
-    (``_conv_products``). Winograd (3x3, stride 1): see ``_winograd_conv``.
-    The result is an (N, F, OH, OW) *view* of the (N, OH, OW, F) product: no
-    copy, and the next layers keep that order. ``work``: a ``Workspace`` for
-    the temporary arrays (None: fresh ones).
+    Every window becomes one row of a matrix (N*OH*OW, kh*kw*C) ordered
+    (p, q, c), so each piece copied into it is a contiguous run of C channel
+    values, and out = cols @ W_mat with W_mat = W reordered to (kh*kw*C, F).
+    The matrix is never built whole: a block of rows at a time is copied into
+    a reused buffer and multiplied (``_conv_products``). The padding is the
+    zero border of a reused buffer. The result is an (N, F, OH, OW) *view* of
+    the (N, OH, OW, F) product: no copy, and the next layers keep that order.
+    ``work``: a ``Workspace`` for the temporary arrays (None: fresh ones).
     """
     work = Workspace() if work is None else work
-    N, C, H, W_in = x.shape
     F, _, kh, kw = W.shape
-    method = conv_method(x, (kh, kw), stride)
-    if method == "winograd":
-        out, planes = _winograd_conv(x.transpose(0, 2, 3, 1), W, padding, work, "x", bias=b)
-        return channels_first(out), ConvCache(method, x.shape, planes, W, stride, padding)
+    method = conv_method(x)
     first = method == "im2col-cf"
     xp = _padded(x, padding, work, "x", axes=(2, 3)) if first else _padded(x.transpose(0, 2, 3, 1), padding, work, "x")
     windows = _windows(xp, (kh, kw), stride, first)
@@ -447,210 +506,39 @@ def conv2d_forward_vectorized(x, W, b, stride=(1, 1), padding=(0, 0), work=None)
 
 def conv2d_backward_vectorized(dout, cache, input_grad=True, work=None):
     """db = column sums of g, where g = dout as an (N*OH*OW, F) matrix (free
-    when dout is channels-last in memory); dW = im2col(x)^T @ g, block by
-    block from the padded input the forward pass kept, or by Winograd
-    (``_winograd_filter_grad``).
+    when dout is channels-last in memory); dW = im2col(x)^T @ g, block by block
+    from the padded input the forward pass kept.
 
     dx at stride 1 is itself a convolution, of dout padded by (kh - 1 - ph,
     kw - 1 - pw) with the flipped filters, channels F -> C:
         dx[y, z] = sum_{p, q, f} gpad[y + p, z + q, f] * W[f, :, kh-1-p, kw-1-q],
-    computed like the forward pass (im2col blocks or Winograd): nothing to
-    scatter. Other strides: dcols = g @ W_mat^T, added back window by window
-    (col2im).
+    computed like the forward pass: one im2col (in blocks) and one product
+    with K = kh*kw*F, nothing to scatter. Other strides: dcols = g @ W_mat^T,
+    added back window by window (col2im).
     """
     work = Workspace() if work is None else work
-    method, x_shape, data, W, (sh, sw), (ph, pw) = cache
+    method, x_shape, xp, W, (sh, sw), (ph, pw) = cache
     N, F, OH, OW = dout.shape
     _, C, H, W_in = x_shape
     kh, kw = W.shape[2:]
     g = channels_last(dout)                                         # (N, OH, OW, F)
     db = _column_sums(g.reshape(-1, F))
-    if method == "winograd":
-        dW = _winograd_filter_grad(g, data, work)
-    else:
-        first = method == "im2col-cf"
-        dW_mat = _conv_filter_products(_windows(data, (kh, kw), (sh, sw), first), g, work, "x", first)
-        dW = (dW_mat.T.reshape(F, C, kh, kw) if first else dW_mat.reshape(kh, kw, C, F).transpose(3, 2, 0, 1))
-        dW = np.ascontiguousarray(dW)
+    first = method == "im2col-cf"
+    dW_mat = _conv_filter_products(_windows(xp, (kh, kw), (sh, sw), first), g, work, "x", first)
+    dW = np.ascontiguousarray(dW_mat.T.reshape(F, C, kh, kw) if first else
+                              dW_mat.reshape(kh, kw, C, F).transpose(3, 2, 0, 1))
     if not input_grad:
         return None, dW, db
     if (sh, sw) == (1, 1):
-        W_flip = W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)            # (C, F, kh, kw)
-        if conv_method(dout, (kh, kw), (1, 1)) == "winograd":
-            dx, _ = _winograd_conv(g, W_flip, (2 - ph, 2 - pw), work, "dout")
-            return channels_first(dx), dW, db
         gp = _padded(g, (kh - 1 - ph, kw - 1 - pw), work, "dout")
         dx = np.empty((N, H, W_in, C), dout.dtype)
+        W_flip = W[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)            # (C, F, kh, kw)
         _conv_products(_windows(gp, (kh, kw), (1, 1)), _filter_matrix(W_flip), dx, work, "dout")
         return channels_first(dx), dW, db
     W_mat = W.transpose(0, 2, 3, 1).reshape(F, kh * kw * C)
     padded_shape = (N, H + 2 * ph, W_in + 2 * pw, C)
     dxp = _col2im((g.reshape(-1, F) @ W_mat).reshape(N, OH, OW, kh, kw, C), padded_shape, (sh, sw))
     return channels_first(np.ascontiguousarray(dxp[:, ph:ph + H, pw:pw + W_in])), dW, db
-
-
-# Winograd F(2x2, 3x3) (Lavin & Gray, "Fast algorithms for convolutional neural
-# networks", 2016). Each 2x2 block of outputs comes from a 4x4 tile d of the
-# padded input (tiles overlap by 2, one per block) as
-#     Y = A^T [ (G W G^T) * (B^T d B) ] A          (* elementwise, 4x4)
-# 16 multiplications per block and channel pair instead of 36. Summed over the
-# input channels, the elementwise product becomes 16 independent matrix
-# products, one per tile position k = (xi, nu):  M[k] = V[k] @ U[k], with
-# V[k] (tiles, C) the transformed input and U[k] (C, F) the transformed filters.
-# Every transform is a few additions of strided slices; the matrices hold
-# 0, +-1 and 1/2 only, so the result equals im2col's up to rounding.
-_WINO_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]])
-_WINO_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
-_WINO_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]])
-
-
-def _winograd_conv(x, W, padding, work, name, bias=None):
-    """3x3 stride-1 convolution of the channels-last x (N, H, W, C) with W
-    (F, C, 3, 3) -> y (N, OH, OW, F), fresh, and the padded input in column
-    planes (see ``_winograd_planes``), which the filter gradient reuses.
-    The tiles are transformed, multiplied and transformed back a block of
-    images at a time, so that the intermediate arrays stay in the L2 cache.
-    A negative padding crops x (the input-gradient pass of a padding > 2)."""
-    xp, (TH, TW) = _winograd_planes(x, padding, work, name)
-    N, F, C = x.shape[0], W.shape[0], W.shape[1]
-    OH, OW = _winograd_out_size(x.shape, padding)
-    GG = np.kron(_WINO_G, _WINO_G).astype(W.dtype)               # (16, 9): U = G W G^T, flattened
-    U = np.ascontiguousarray((W.reshape(F * C, 9) @ GG.T).reshape(F, C, 16).transpose(2, 1, 0))
-    whole = (2 * TH, 2 * TW) == (OH, OW)
-    y = np.empty((N, OH, OW, F), W.dtype) if whole else work.get(f"{name}.blocks", (N, 2 * TH, 2 * TW, F), W.dtype)
-    for n0, n1 in _image_blocks(N, 16 * TH * TW * max(C, F) * W.itemsize):
-        V = _winograd_tiles(xp[n0:n1], work, name)
-        M = np.matmul(V, U, out=work.scratch(f"{name}.products", (16, V.shape[1], F), W.dtype))
-        if bias is not None:
-            M[5] += bias           # A^T's column 1 is (1, 1): M[1, 1] reaches every output exactly once
-        _winograd_output(M, y[n0:n1], work, name)
-    return (y if whole else np.ascontiguousarray(y[:, :OH, :OW])), xp
-
-
-def _winograd_out_size(x_shape, padding):
-    """(OH, OW) of a 3x3 stride-1 convolution of channels-last x; a negative padding crops."""
-    return x_shape[1] + 2 * padding[0] - 2, x_shape[2] + 2 * padding[1] - 2
-
-
-def _image_blocks(N, bytes_per_image):
-    """(n0, n1) ranges of images whose intermediate arrays take about CHUNK_BYTES."""
-    step = max(1, CHUNK_BYTES // max(bytes_per_image, 1))
-    return [(n, min(N, n + step)) for n in range(0, N, step)]
-
-
-def _to_column_planes(x, out, row0, col0):
-    """Copy the channels-last x (N, H, W, C) into out (N, Hb, 2, Wb, C) at rows
-    row0..., padded columns col0...: padded column w goes to plane w % 2,
-    position w // 2. With even and odd columns apart, the Winograd transforms,
-    which combine neighbouring columns, read long contiguous runs (whole rows
-    of a plane) instead of one pixel's C values at a time."""
-    H = x.shape[1]
-    for q in range(2):
-        first = (q - col0) % 2                                    # first column with (col0 + w) % 2 == q
-        cols = x[:, :, first::2]
-        start = (col0 + first) // 2
-        out[:, row0:row0 + H, q, start:start + cols.shape[2]] = cols
-
-
-def _winograd_planes(x, padding, work, name):
-    """x zero-padded by ``padding`` (and at the bottom/right up to whole
-    tiles) in column planes (N, 2*TH + 2, 2, TW + 1, C), and (TH, TW), the
-    number of 4x4 tiles (stride 2) down and across: one per 2x2 output block."""
-    ph, pw = padding
-    crop_h, crop_w = max(-ph, 0), max(-pw, 0)
-    if crop_h or crop_w:
-        x = x[:, crop_h:x.shape[1] - crop_h, crop_w:x.shape[2] - crop_w]
-        ph, pw = max(ph, 0), max(pw, 0)
-    OH, OW = _winograd_out_size(x.shape, (ph, pw))
-    TH, TW = (OH + 1) // 2, (OW + 1) // 2
-    N, C = x.shape[0], x.shape[3]
-    xp = work.get(f"{name}.planes{ph},{pw}", (N, 2 * TH + 2, 2, TW + 1, C), x.dtype, zeros=True)
-    _to_column_planes(x, xp, ph, pw)                              # the border stays zero
-    return xp, (TH, TW)
-
-
-def _winograd_tiles(xp, work, name):
-    """V = B^T d B for every 4x4 tile d of the planes xp (n, 2*TH + 2, 2, TW + 1, C),
-    as (16, n*TH*TW, C): V[4 * xi + nu] is one matrix of the 16 products."""
-    n, Hp, _, Wh, C = xp.shape
-    TH, TW = (Hp - 2) // 2, Wh - 1
-    t = work.scratch(f"{name}.rows", (4, n, TH, 2, Wh, C), xp.dtype)
-    _winograd_bt([xp[:, a:a + 2 * TH:2] for a in range(4)], t)    # B^T along the rows: row a of every tile
-    even, odd = t[:, :, :, 0], t[:, :, :, 1]                      # (4, n, TH, TW + 1, C)
-    V = work.scratch(f"{name}.tiles", (4, 4, n, TH, TW, C), xp.dtype)
-    _winograd_bt([even[..., :TW, :], odd[..., :TW, :], even[..., 1:, :], odd[..., 1:, :]],
-                 [V[:, nu] for nu in range(4)])                   # then along the columns
-    return V.reshape(16, n * TH * TW, C)
-
-
-def _winograd_bt(d, out):
-    """out[i] = sum_a B^T[i, a] d[a] for the four slices d[0..3]."""
-    np.subtract(d[0], d[2], out=out[0])
-    np.add(d[1], d[2], out=out[1])
-    np.subtract(d[2], d[1], out=out[2])
-    np.subtract(d[1], d[3], out=out[3])
-
-
-def _winograd_output(M, y, work, name):
-    """y (n, 2*TH, 2*TW, F) = A^T M A for every tile of M (16, n*TH*TW, F)."""
-    n, TH, TW, F = y.shape[0], y.shape[1] // 2, y.shape[2] // 2, y.shape[3]
-    M = M.reshape(4, 4, n, TH, TW, F)
-    s = work.scratch(f"{name}.sums", (2, 4, n, TH, TW, F), M.dtype)
-    np.add(M[0], M[1], out=s[0])                                  # A^T along the rows
-    s[0] += M[2]
-    np.subtract(M[1], M[2], out=s[1])
-    s[1] -= M[3]
-    t = work.scratch(f"{name}.pairs", (2, 2, n, TH, TW, F), M.dtype)
-    np.add(s[:, 0], s[:, 1], out=t[0])                            # then along the columns
-    np.subtract(s[:, 1], s[:, 2], out=t[1])
-    blocks = y.reshape(n, TH, 2, TW, 2, F)                        # y[n, 2i + a, 2j + b]
-    a_inner = (1, 2, 0, 3, 4)                                     # (a, n, TH, TW, F) -> (n, TH, a, TW, F)
-    np.add(t[0].transpose(a_inner), s[:, 2].transpose(a_inner), out=blocks[:, :, :, :, 0])
-    np.subtract(t[1].transpose(a_inner), s[:, 3].transpose(a_inner), out=blocks[:, :, :, :, 1])
-
-
-def _winograd_filter_grad(g, xp, work):
-    """dW (F, C, 3, 3) from the output gradient g (N, OH, OW, F) and the
-    forward pass's padded input planes xp.
-
-    The forward pass is linear in W per tile, with the 2x2 block w of g as
-    its weights: dW = sum over tiles of G^T [ (A w A^T) * V ] G, i.e. 16
-    products Mw[k] = (A w A^T)[k]^T @ V[k] summed over all tiles, then a 4x4
-    -> 3x3 transform of the small (F, C) result. V is recomputed block by
-    block from xp (cheaper than keeping it: 4x the input). A's last row
-    (0, -1) is used as (0, 1) and the sign is put back in the last transform.
-    """
-    N, OH, OW, F = g.shape
-    TH, TW = (OH + 1) // 2, (OW + 1) // 2
-    C = xp.shape[-1]
-    gp = work.get("dout.planes", (N, 2 * TH, 2, TW, F), g.dtype, zeros=True)   # zero rows/columns
-    _to_column_planes(g, gp, 0, 0)                                             # up to whole blocks
-    Mw = np.zeros((16, F, C), g.dtype)
-    for n0, n1 in _image_blocks(N, 16 * TH * TW * max(C, F) * g.itemsize):
-        V = _winograd_tiles(xp[n0:n1], work, "x")
-        U = _winograd_grad_tiles(gp[n0:n1], work)
-        Mw += np.matmul(U.transpose(0, 2, 1), V, out=work.scratch("dout.filter_products", (16, F, C), g.dtype))
-    Gs = _WINO_G * np.array([1, 1, 1, -1])[:, None]              # the folded sign
-    GG = np.kron(Gs, Gs).astype(g.dtype)                          # (16, 9): G^T Mw G, flattened
-    return (Mw.reshape(16, -1).T @ GG).reshape(F, C, 3, 3)
-
-
-def _winograd_grad_tiles(gp, work):
-    """A w A^T for every 2x2 block w of the gradient planes gp (n, 2*TH, 2, TW, F),
-    with A = (1 0; 1 1; 1 -1; 0 1), as (16, n*TH*TW, F)."""
-    n, TH2, _, TW, F = gp.shape
-    g0, g1 = gp[:, 0::2], gp[:, 1::2]                             # rows 0 and 1 of every block
-    r = work.scratch("dout.block_rows", (2, n, TH2 // 2, 2, TW, F), gp.dtype)
-    np.add(g0, g1, out=r[0])
-    np.subtract(g0, g1, out=r[1])
-    U = work.scratch("dout.block_tiles", (4, 4, n, TH2 // 2, TW, F), gp.dtype)
-    for xi, rows in enumerate((g0, r[0], r[1], g1)):
-        c0, c1 = rows[:, :, 0], rows[:, :, 1]
-        np.copyto(U[xi, 0], c0)
-        np.add(c0, c1, out=U[xi, 1])
-        np.subtract(c0, c1, out=U[xi, 2])
-        np.copyto(U[xi, 3], c1)
-    return U.reshape(16, -1, F)
 
 
 # Max pooling: out[n, c, i, j] = max_{p, q} x[n, c, i*sh + p, j*sw + q].
@@ -689,39 +577,49 @@ def maxpool_backward_loop(dout, cache):
 
 
 def maxpool_forward_vectorized(x, pool=(2, 2), stride=(2, 2)):
-    """Running maximum over the ph*pw window offsets, each a strided slice of x.
-    Only the maximum is computed: the arg-max is found in the backward pass, so
-    inference does not pay for it."""
+    """Running maximum over the ph*pw window offsets, each a strided slice of x
+    (the batch split between the threads). Only the maximum is computed: the
+    arg-max is found in the backward pass, so inference does not pay for it."""
     (ph, pw), (sh, sw) = pool, stride
     OH, OW = output_size(x.shape[2], ph, sh, 0), output_size(x.shape[3], pw, sw, 0)
-    out = x[:, :, _offset(0, OH, sh), _offset(0, OW, sw)].copy(order="K")   # keep x's memory order
-    for k in range(1, ph * pw):
-        np.maximum(out, x[:, :, _offset(k // pw, OH, sh), _offset(k % pw, OW, sw)], out=out)
+    out = np.empty_like(x[:, :, :OH, :OW])                      # x's memory order
+    slices = [(_offset(k // pw, OH, sh), _offset(k % pw, OW, sw)) for k in range(ph * pw)]
+
+    def part(lo, hi):
+        o = out[lo:hi]
+        np.copyto(o, x[lo:hi, :, slices[0][0], slices[0][1]])
+        for rows, cols in slices[1:]:
+            np.maximum(o, x[lo:hi, :, rows, cols], out=o)
+    _parallel(part, len(x), x.nbytes)
     return out, (x, out, pool, stride)
 
 
 def maxpool_backward_vectorized(dout, cache):
-    """Offset k's slice of dx receives dout where k is the window's arg-max.
+    """Offset k's slice of dx receives dout where offset k holds the window's
+    maximum and no earlier offset does (np.argmax's rule on ties: the first).
 
-    argmax = the smallest k whose slice equals the output (np.argmax's rule on
-    ties), computed as min over k of (k if equal else K) with boolean arithmetic,
-    which is several times faster than np.where.
+    ``taken`` marks the windows whose maximum an earlier offset already
+    claimed; hit > taken is "hit and not taken" in one boolean operation.
     """
     x, out, (ph, pw), (sh, sw) = cache
     OH, OW = dout.shape[2:]
-    K = ph * pw
-    index = np.int8 if K < 127 else np.int32
-    offsets = [(_offset(k // pw, OH, sh), _offset(k % pw, OW, sw)) for k in range(K)]
-    argmax = np.full_like(out, K, dtype=index)
-    for k, (rows, cols) in enumerate(offsets):
-        np.minimum(argmax, K - (x[:, :, rows, cols] == out) * index(K - k), out=argmax)
-    dx = np.zeros_like(x)                      # x's memory order, so the next backward stays fast
     overlapping = sh < ph or sw < pw
-    for k, (rows, cols) in enumerate(offsets):
-        if overlapping:                        # a pixel in several windows collects every share
-            dx[:, :, rows, cols] += dout * (argmax == k)
-        else:                                  # each pixel is in one window: write, don't add
-            np.multiply(dout, argmax == k, out=dx[:, :, rows, cols])
+    covered = (sh, sw) == (ph, pw) and (OH * sh, OW * sw) == x.shape[2:]
+    dx = np.empty_like(x) if covered else np.zeros_like(x)   # x's memory order: the next backward stays fast
+    slices = [(_offset(k // pw, OH, sh), _offset(k % pw, OW, sw)) for k in range(ph * pw)]
+
+    def part(lo, hi):
+        taken, g = None, dout[lo:hi]
+        for rows, cols in slices:
+            window = (slice(lo, hi), slice(None), rows, cols)
+            hit = x[window] == out[lo:hi]
+            first = hit if taken is None else np.greater(hit, taken)
+            taken = hit if taken is None else np.logical_or(taken, hit, out=taken)
+            if overlapping:                    # a pixel in several windows collects every share
+                dx[window] += g * first
+            else:                              # each pixel is in one window: write, don't add
+                np.multiply(g, first, out=dx[window])
+    _parallel(part, len(x), 2 * x.nbytes)
     return dx
 
 
@@ -877,12 +775,12 @@ def batchnorm_forward_vectorized(x, gamma, beta, eps=1e-5):
     X = as_rows(x)
     m = X.shape[0]
     mean = _column_sums(X) / m
-    var = np.einsum("ij,ij->j", X, X) / m - mean * mean
+    var = _column_dots(X, X) / m - mean * mean
     rows, center = X, mean
     if np.any(mean * mean > _CANCELLATION * np.maximum(var, 0)):
         rows = X - mean                      # deviations from a close estimate of the mean (nearly exact)
         center = _column_sums(rows) / m      # the estimate's own rounding error, now small
-        var = np.einsum("ij,ij->j", rows, rows) / m - center * center
+        var = _column_dots(rows, rows) / m - center * center
         mean = mean + center
     var = np.maximum(var, 0)
     inv_std = 1 / np.sqrt(var + eps)
@@ -900,7 +798,7 @@ def batchnorm_backward_vectorized(dout, cache, input_grad=True):
     G = as_rows(dout)
     m = G.shape[0]
     dbeta = _column_sums(G)
-    dgamma = (np.einsum("ij,ij->j", G, X) - center * dbeta) * inv_std
+    dgamma = (_column_dots(G, X) - center * dbeta) * inv_std
     if not input_grad:
         return None, dgamma, dbeta
     a = gamma * inv_std
@@ -908,12 +806,15 @@ def batchnorm_backward_vectorized(dout, cache, input_grad=True):
     dx = np.empty_like(G)
     Gw, Xw, dxw, (a, b, c) = _widen(G), _widen(X), _widen(dx), _tile(G, a, b, -a * dbeta / m - b * center)
     chunks = _row_chunks(Gw)
-    t = np.empty_like(Gw[chunks[0]])
-    for rows in chunks:                               # each chunk's four operations stay in the cache
-        d = dxw[rows]
-        np.multiply(Gw[rows], a, out=d)
-        d += np.multiply(Xw[rows], b, out=t[:len(d)])
-        d += c
+
+    def part(lo, hi):
+        t = np.empty_like(Gw[chunks[0]])
+        for rows in chunks[lo:hi]:                    # each chunk's four operations stay in the cache
+            d = dxw[rows]
+            np.multiply(Gw[rows], a, out=d)
+            d += np.multiply(Xw[rows], b, out=t[:len(d)])
+            d += c
+    _parallel(part, len(chunks), 3 * G.nbytes)
     return _from_rows(dx, dout), dgamma, dbeta
 
 

@@ -194,6 +194,48 @@ def read_results(path, notebook):
 
 
 # ---------------------------------------------------------------------------
+# report.json: one record per task, from the executed runs only
+# ---------------------------------------------------------------------------
+
+def seed_statistics(values):
+    """(mean, sample standard deviation) of one number per seed; the deviation
+    is 0.0 for a single run (and the report then says it is a single run)."""
+    values = np.asarray(values, dtype=float)
+    if values.size == 0:
+        raise ValueError("seed_statistics: no values (no finished run)")
+    return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0
+
+
+def task_record(task_id, dataset, model, parameters, seeds, test_accuracy, epochs, train_seconds, **extra):
+    """One task of ``report.json``: accuracies as fractions, one entry per seed,
+    with their mean and standard deviation. ``extra`` adds fields (e.g. notes)."""
+    seeds, test_accuracy, train_seconds = list(seeds), [float(a) for a in test_accuracy], list(train_seconds)
+    if not len(seeds) == len(test_accuracy) == len(train_seconds):
+        raise ValueError(f"task_record {task_id}: {len(seeds)} seeds, {len(test_accuracy)} accuracies and "
+                         f"{len(train_seconds)} training times; give one of each per seed")
+    if not all(0.0 <= a <= 1.0 for a in test_accuracy):
+        raise ValueError(f"task_record {task_id}: accuracies are fractions in [0, 1], got {test_accuracy}")
+    mean, std = seed_statistics(test_accuracy)
+    return {"id": task_id, "dataset": dataset, "model": model, "parameters": int(parameters), "seeds": seeds,
+            "test_accuracy": test_accuracy, "test_accuracy_mean": mean, "test_accuracy_std": std,
+            "epochs": int(epochs), "train_seconds": [float(t) for t in train_seconds], **extra}
+
+
+def save_task(runs, record):
+    """Write one task record to ``runs/tasks/<id>.json`` (atomically)."""
+    F.save_json(Path(runs) / "tasks" / f"{record['id']}.json", record)
+
+
+def write_report_json(runs, path):
+    """Collect every ``runs/tasks/*.json`` into ``path`` as ``{"tasks": [...]}``
+    (sorted by id) and return that dict; the README and the PDF quote it."""
+    files = sorted((Path(runs) / "tasks").glob("*.json"))
+    report = {"tasks": [json.loads(f.read_text()) for f in files]}
+    F.save_json(path, report)
+    return report
+
+
+# ---------------------------------------------------------------------------
 # The speed benchmark (benchmarks/bench.py)
 # ---------------------------------------------------------------------------
 

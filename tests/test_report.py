@@ -220,3 +220,26 @@ def test_benchmark_layer_table_rows_and_missing_numbers():
     lines = R.benchmark_layer_table({"layers": [{"name": "conv", "has_loop": True, "vec_fwd_s": 0.001}]}).splitlines()
     assert lines[2] == "| conv |  |  |  |  |"
     assert len(R.benchmark_layer_table({}).splitlines()) == 2
+
+
+# ---------------------------------------------------------------------------
+# report.json
+# ---------------------------------------------------------------------------
+
+def test_task_records_give_seed_statistics_and_collect_into_report_json(tmp_path):
+    record = R.task_record("mnist", "MNIST", "mnist_cnn", 421642, [0, 1, 2], [0.99, 0.995, 1.0], 12, [60, 61, 62])
+    assert record["test_accuracy_mean"] == pytest.approx(0.995)
+    assert record["test_accuracy_std"] == pytest.approx(0.005)          # sample deviation (ddof=1)
+    assert R.task_record("one", "d", "m", 1, [0], [0.5], 1, [1.0])["test_accuracy_std"] == 0.0
+    R.save_task(tmp_path, record)
+    R.save_task(tmp_path, R.task_record("cifar10-cnn", "CIFAR-10", "net", 5, [0], [0.9], 3, [10]))
+    report = R.write_report_json(tmp_path, tmp_path / "report.json")
+    assert [t["id"] for t in report["tasks"]] == ["cifar10-cnn", "mnist"]
+    assert json.loads((tmp_path / "report.json").read_text()) == report
+
+
+def test_task_record_refuses_mismatched_lists_and_percentages():
+    with pytest.raises(ValueError, match="one of each per seed"):
+        R.task_record("x", "d", "m", 1, [0, 1], [0.5], 1, [1.0])
+    with pytest.raises(ValueError, match="fractions"):
+        R.task_record("x", "d", "m", 1, [0], [99.3], 1, [1.0])
