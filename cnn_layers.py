@@ -539,9 +539,9 @@ class RowsToSequence(Layer):
 
     Each of the H rows becomes one vector of its W pixels with the channels
     interleaved (``rows_as_sequence``: (N, H, W*C), for CIFAR (N, 32, 96)),
-    handed on channels-first as Conv1D expects, or time-major per example
-    (T = H steps of D = W*C values) as ``cnn_rnn.GRU`` expects. Only a
-    reshuffle: backward puts the gradient back in place.
+    handed on channels-first as Conv1D expects, or as (N, T, D), T = H steps
+    of D = W*C values, as ``cnn_rnn.GRU`` expects. Only a reshuffle: backward
+    puts the gradient back in place.
     """
 
     LAYOUTS = ("NCL", "NTD")

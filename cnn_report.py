@@ -156,6 +156,7 @@ class Result:
     epochs: int
     seconds: float               # median seconds per training epoch
     curve: list                  # validation accuracy after every epoch
+    train_seconds: float = 0.0   # all epochs together
     accuracy: float | None = None     # test accuracy (when evaluated)
     report: dict | None = None        # cnn_metrics.classification_report on the test set
 
@@ -175,7 +176,8 @@ def model_result(name, model, history, data=None):
     accuracy and classification report on ``data.x_test``, ``data.y_test``."""
     h = history.as_dict() if hasattr(history, "as_dict") else history
     result = Result(name=name, params=model.num_params(), epochs=len(h["seconds"]),
-                    seconds=float(np.median(h["seconds"])), curve=list(h["val_acc"]))
+                    seconds=float(np.median(h["seconds"])), curve=list(h["val_acc"]),
+                    train_seconds=float(np.sum(h["seconds"])))
     if data is not None:
         result.report = E.classification_report(data.y_test, model.predict(data.x_test),
                                                  class_names=data.class_names)
@@ -224,6 +226,15 @@ def task_record(task_id, dataset, model, parameters, seeds, test_accuracy, epoch
 def save_task(runs, record):
     """Write one task record to ``runs/tasks/<id>.json`` (atomically)."""
     F.save_json(Path(runs) / "tasks" / f"{record['id']}.json", record)
+
+
+def save_results_task(runs, task_id, dataset, model, results, seeds):
+    """``save_task`` of the test accuracies of ``results`` (one ``Result`` per seed,
+    evaluated on the test set) trained with ``seeds``; returns the record."""
+    record = task_record(task_id, dataset, model, results[0].params, seeds, [r.accuracy for r in results],
+                         results[0].epochs, [r.train_seconds for r in results])
+    save_task(runs, record)
+    return record
 
 
 def write_report_json(runs, path):

@@ -243,3 +243,10 @@ def test_task_record_refuses_mismatched_lists_and_percentages():
         R.task_record("x", "d", "m", 1, [0, 1], [0.5], 1, [1.0])
     with pytest.raises(ValueError, match="fractions"):
         R.task_record("x", "d", "m", 1, [0], [99.3], 1, [1.0])
+
+
+def test_results_of_several_seeds_become_one_task(tmp_path):
+    results = [R.Result("net", 10, 2, 1.5, [0.5, 0.6], train_seconds=3.0 + k, accuracy=0.7 + k / 10) for k in range(2)]
+    record = R.save_results_task(tmp_path, "toy", "toy data", "net", results, seeds=[0, 1])
+    assert record["test_accuracy"] == pytest.approx([0.7, 0.8]) and record["train_seconds"] == [3.0, 4.0]
+    assert json.loads((tmp_path / "tasks" / "toy.json").read_text()) == record
