@@ -67,10 +67,10 @@ def test_the_core_imports_nothing_but_numpy_and_the_standard_library():
     assert not imported_modules((ROOT / "cnn_core.py").read_text()) - ALLOWED
 
 
-@pytest.mark.parametrize("module", ["cnn_data", "cnn_images"])
+@pytest.mark.parametrize("module", ["cnn_data", "cnn_layouts", "cnn_images"])
 def test_the_data_modules_import_tqdm_and_pillow_only_lazily(module):
     source = (ROOT / f"{module}.py").read_text()
-    project = set(MATHS_MODULES) | {"cnn_data"}
+    project = set(MATHS_MODULES) | {"cnn_data", "cnn_layouts"}
     assert not imported_modules(source, module_level_only=True) - ALLOWED - project
     assert not imported_modules(source) - ALLOWED - project - {"tqdm", "PIL"}
     assert imported_modules("import numpy\ndef f():\n    import PIL", module_level_only=True) == {"numpy"}
