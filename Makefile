@@ -20,6 +20,7 @@ report:
 
 bench: setup
 	$(PYTHON) benchmarks/bench.py $(if $(QUICK),--quick)
+	$(PYTHON) benchmarks/bench_rnn.py $(if $(QUICK),--quick)
 
 zip: setup
 	$(PYTHON) tools/make_zip.py
