@@ -60,3 +60,15 @@ def gradient_errors(model, x, y=None, seed=0):
         for name, param in layer.params.items():
             analytic[prefix + name], arrays[prefix + name] = layer.grads[name].copy(), param
     return {key: relative_error(analytic[key], numeric_gradient(loss, arrays[key])) for key in arrays}
+
+
+def implementation_difference(make, x, seed=0):
+    """Largest absolute difference between the loop and the vectorized version of
+    one layer, ``make(impl)``, on input ``x``: (of the outputs, of every gradient,
+    the input's and the parameters', after one backward pass of the same random dout)."""
+    loop, vectorized = make("loop"), make("vectorized")
+    out_loop, out_vectorized = loop.forward(x), vectorized.forward(x)
+    dout = np.random.default_rng(seed).standard_normal(out_loop.shape).astype(out_loop.dtype)
+    grads = [np.abs(loop.backward(dout) - vectorized.backward(dout)).max()]
+    grads += [np.abs(loop.grads[k] - vectorized.grads[k]).max() for k in loop.grads]
+    return float(np.abs(out_loop - out_vectorized).max()), float(max(grads))

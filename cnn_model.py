@@ -380,12 +380,24 @@ def mnist_cnn(**overrides):
     return conv_net(**overrides)
 
 
-def mnist_net_v2(seed=0, **overrides):
-    """The network of the MNIST recipe (``cnn_train.mnist_recipe``, /work/notes/mnist_recipe.md):
-    ``conv_net`` with three blocks of 32, 64, 128 channels, each conv 3x3 -> BatchNorm -> ReLU ->
-    max-pool 2 (28 -> 14 -> 7 -> 3), then dense 1152 -> 128 -> ReLU -> dropout 0.25 -> dense 128 -> 10.
-    Keyword arguments override ``conv_net``'s."""
-    return conv_net(**{"channels": (32, 64, 128), "batchnorm": True, "seed": seed, **overrides})
+def mnist_net_v2(channels=(32, 64, 128), hidden=128, dropout=0.25, num_classes=10, impl="vectorized",
+                 seed=0, dtype=DEFAULT_DTYPE):
+    """The network of the MNIST recipe (``cnn_train.mnist_recipe``, notes/mnist_recipe.md):
+    one block per entry of ``channels``, each conv 3x3 ('same') -> max-pool 2 -> BatchNorm -> ReLU
+    (28 -> 14 -> 7 -> 3), then flatten -> dense ``hidden`` -> ReLU -> dropout -> dense to logits.
+
+    Pooling before the normalisation and the ReLU (as in ``cifar_net``) runs both on a
+    quarter of the values: the same depth as ``conv_net(batchnorm=True)`` for about
+    two thirds of its time per batch.
+    """
+    layers, c_in, size = [], 1, 28
+    for c_out in channels:
+        layers += [Conv2D(c_in, c_out, 3, padding=1, impl=impl, dtype=dtype), MaxPool2D(2, impl=impl),
+                   BatchNorm(c_out, impl=impl, dtype=dtype), ReLU(impl=impl)]
+        c_in, size = c_out, size // 2
+    layers += [Flatten(), Dense(c_in * size * size, hidden, impl=impl, dtype=dtype), ReLU(impl=impl),
+               Dropout(dropout), Dense(hidden, num_classes, impl=impl, dtype=dtype)]
+    return Sequential(layers, seed=seed)
 
 
 def conv_net_for(data, **overrides):

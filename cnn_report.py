@@ -246,6 +246,19 @@ def write_report_json(runs, path):
     return report
 
 
+
+def tasks_table(report):
+    """A Markdown table of ``report.json``'s tasks: test accuracy as mean +- standard
+    deviation over the seeds, or marked as one run; training minutes per run."""
+    rows = []
+    for t in report["tasks"]:
+        runs = len(t["seeds"])
+        spread = f" ± {t['test_accuracy_std']:.2%}" if runs > 1 else " (one run)"
+        rows.append([t["id"], t["dataset"], t["model"], f"{t['parameters']:,}", runs,
+                     f"{t['test_accuracy_mean']:.2%}{spread}", t["epochs"], f"{sum(t['train_seconds']) / runs / 60:.1f} min"])
+    return markdown_table(["task", "dataset", "model", "parameters", "seeds", "test accuracy", "epochs",
+                           "training per run"], rows)
+
 # ---------------------------------------------------------------------------
 # The speed benchmark (benchmarks/bench.py)
 # ---------------------------------------------------------------------------

@@ -250,3 +250,11 @@ def test_results_of_several_seeds_become_one_task(tmp_path):
     record = R.save_results_task(tmp_path, "toy", "toy data", "net", results, seeds=[0, 1])
     assert record["test_accuracy"] == pytest.approx([0.7, 0.8]) and record["train_seconds"] == [3.0, 4.0]
     assert json.loads((tmp_path / "tasks" / "toy.json").read_text()) == record
+
+
+def test_tasks_table_shows_seed_spread_or_says_one_run():
+    report = {"tasks": [R.task_record("mnist", "MNIST", "net", 1000, [0, 1], [0.99, 0.995], 3, [60, 120]),
+                        R.task_record("gru", "MNIST", "GRU", 10, [0], [0.98], 3, [30])]}
+    lines = R.tasks_table(report).splitlines()
+    assert lines[2] == "| mnist | MNIST | net | 1,000 | 2 | 99.25% ± 0.35% | 3 | 1.5 min |"
+    assert lines[3] == "| gru | MNIST | GRU | 10 | 1 | 98.00% (one run) | 3 | 0.5 min |"
