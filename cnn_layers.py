@@ -12,8 +12,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from cnn_core import (DEFAULT_DTYPE, Workspace, _from_rows, _pair, _parallel, _scale_shift, as_rows,
-                      avgpool_backward_loop,
+from cnn_core import (DEFAULT_DTYPE, Workspace, _from_rows, _pair, _scale_shift, as_rows, avgpool_backward_loop,
                       avgpool_backward_vectorized, avgpool_forward_loop, avgpool_forward_vectorized,
                       batchnorm_backward_loop, batchnorm_backward_vectorized, batchnorm_forward_loop,
                       batchnorm_forward_vectorized, check_input, check_labels, conv2d_backward_loop,
@@ -402,10 +401,7 @@ class Activation(Layer):
 
     A subclass gives ``f(x)`` and ``grad(x, y, dout)`` as NumPy expressions that
     work on arrays and on single numbers alike; ``impl="loop"`` applies them
-    element by element, ``impl="vectorized"`` to the whole array at once. A
-    subclass may also give ``f_into(x, out)`` and ``grad_into(x, y, dout, out)``,
-    the same written into ``out``: the vectorized layer then splits the batch
-    between the cores (``cnn_core._parallel``) with no temporary copy.
+    element by element, ``impl="vectorized"`` to the whole array at once.
     """
 
     def __init__(self, impl="vectorized"):
@@ -421,9 +417,6 @@ class Activation(Layer):
             y = np.empty_like(x)
             for k in range(x.size):
                 y.flat[k] = self.f(x.flat[k])
-        elif hasattr(self, "f_into"):
-            y = np.empty_like(x)                       # x's memory order (channels-last stays so)
-            _parallel(lambda lo, hi: self.f_into(x[lo:hi], y[lo:hi]), len(x), 2 * x.nbytes)
         else:
             y = self.f(x)
         self._cache = (x, y) if training else None
@@ -436,11 +429,6 @@ class Activation(Layer):
             for k in range(dout.size):
                 dx.flat[k] = self.grad(x.flat[k], y.flat[k], dout.flat[k])
             return dx
-        if hasattr(self, "grad_into"):
-            dx = np.empty_like(x)
-            _parallel(lambda lo, hi: self.grad_into(x[lo:hi], y[lo:hi], dout[lo:hi], dx[lo:hi]),
-                      len(dx), 3 * dx.nbytes)
-            return dx
         return self.grad(x, y, dout)
 
 
@@ -451,12 +439,6 @@ class ReLU(Activation):
 
     def grad(self, x, y, dout):
         return dout * (x > 0)                  # a boolean mask: far faster than np.where
-
-    def f_into(self, x, out):
-        np.maximum(x, 0, out=out)
-
-    def grad_into(self, x, y, dout, out):
-        np.multiply(dout, x > 0, out=out)
 
 
 class LeakyReLU(Activation):

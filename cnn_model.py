@@ -384,16 +384,21 @@ def mnist_net_v2(channels=(32, 64, 128), hidden=128, dropout=0.25, num_classes=1
                  seed=0, dtype=DEFAULT_DTYPE):
     """The network of the MNIST recipe (``cnn_train.mnist_recipe``, notes/mnist_recipe.md):
     one block per entry of ``channels``, each conv 3x3 ('same') -> max-pool 2 -> BatchNorm -> ReLU
-    (28 -> 14 -> 7 -> 3), then flatten -> dense ``hidden`` -> ReLU -> dropout -> dense to logits.
+    (28 -> 14 -> 7 -> 3), every block after the first followed by a second conv 3x3 -> BatchNorm
+    -> ReLU at the pooled size (``cifar_net``'s block); then flatten -> dense ``hidden`` -> ReLU
+    -> dropout -> dense to logits.
 
-    Pooling before the normalisation and the ReLU (as in ``cifar_net``) runs both on a
-    quarter of the values: the same depth as ``conv_net(batchnorm=True)`` for about
-    two thirds of its time per batch.
+    Pooling before the normalisation and the ReLU runs both on a quarter of the values, and
+    the extra convolutions work on 7x7 and 3x3 maps: five convolutions for about 1.3 times
+    the time per batch of ``mnist_cnn``'s two.
     """
     layers, c_in, size = [], 1, 28
-    for c_out in channels:
+    for i, c_out in enumerate(channels):
         layers += [Conv2D(c_in, c_out, 3, padding=1, impl=impl, dtype=dtype), MaxPool2D(2, impl=impl),
                    BatchNorm(c_out, impl=impl, dtype=dtype), ReLU(impl=impl)]
+        if i:
+            layers += [Conv2D(c_out, c_out, 3, padding=1, impl=impl, dtype=dtype),
+                       BatchNorm(c_out, impl=impl, dtype=dtype), ReLU(impl=impl)]
         c_in, size = c_out, size // 2
     layers += [Flatten(), Dense(c_in * size * size, hidden, impl=impl, dtype=dtype), ReLU(impl=impl),
                Dropout(dropout), Dense(hidden, num_classes, impl=impl, dtype=dtype)]

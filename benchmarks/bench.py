@@ -558,6 +558,7 @@ def write_json(path, data, F):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, no epochs (smoke test, < 1 min)")
+    parser.add_argument("--no-epochs", action="store_true", help="full repeats but no epoch subprocesses")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results.json"), help="output JSON path")
     parser.add_argument("--networks", default=",".join(NETWORKS), help="comma-separated names from NETWORKS")
     parser.add_argument("--markdown", action="store_true", help="print the README table from --json and exit")
@@ -576,7 +577,8 @@ def main(argv=None):
         parser.error(f"unknown network(s) {unknown}; choose from {list(NETWORKS)}")
     code = load_code(args.code)
     F = importlib.import_module("cnn_files")
-    cfg, began = (QUICK if args.quick else FULL), time.perf_counter()
+    cfg, began = dict(QUICK if args.quick else FULL), time.perf_counter()
+    cfg["epochs"] = cfg["epochs"] and not args.no_epochs
     res = {"mode": "quick" if args.quick else "full", "timestamp": datetime.now(timezone.utc).isoformat(),
            "machine": machine_info(args.code), "settings": dict(cfg, batch=BATCH, step_optimizer=STEP_OPTIMIZER)}
     if res["machine"]["blas_env"].get("OPENBLAS_CORETYPE"):

@@ -366,24 +366,3 @@ def test_a_float32_training_step_makes_no_float64():
     loss_fn.forward(out, np.arange(5) % 10)
     assert model.backward(loss_fn.backward()).dtype == np.float32
     assert out.dtype == np.float32 and all(g.dtype == np.float32 for _, _, g in model.parameters())
-
-
-def test_splitting_the_batch_between_threads_changes_nothing(monkeypatch):
-    import cnn_model as M
-    rng = np.random.default_rng(37)
-    x = rng.standard_normal((5, 3, 8, 8))
-    dout = rng.standard_normal((5, 10))
-
-    def step():
-        model = M.conv_net(in_channels=3, input_size=8, channels=(4, 6), convs_per_block=2, batchnorm=True,
-                           hidden=0, dropout=0.0, seed=0, dtype=F64)
-        out = model.forward(x)
-        dx = model.backward(dout)
-        return [out, dx] + [g for _, _, g in model.parameters()]
-
-    expected = step()
-    monkeypatch.setattr(C, "THREADS", 3)
-    monkeypatch.setattr(C, "PARALLEL_MIN_BYTES", 1)            # split even these small arrays
-    monkeypatch.setattr(C, "ROW_CHUNK_BYTES", 64)               # and batch norm's rows into many chunks
-    for got, want in zip(step(), expected):
-        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
