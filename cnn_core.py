@@ -205,13 +205,14 @@ def _tile(X, *vectors):
 class Workspace:
     """Scratch arrays a layer reuses from one batch to the next, by name.
 
-    A large new array (an im2col matrix is 75 MB for CIFAR's 32-channel
-    convolution at batch 64) comes from the operating system as fresh pages
-    that are zeroed on first touch: that costs about as much as filling the
-    array once more. ``get`` hands back the same array while the shape and
-    dtype stay the same; an array made with ``zeros=True`` stays zero wherever
-    the caller never writes (the border of a padded image). Functions called
-    without a workspace (``work=None``) get fresh arrays, as before. A layer's
+    A large new array comes from the operating system as fresh pages that are
+    zeroed on first touch, which costs about as much as filling it once more;
+    a padded input made with np.zeros is filled twice. ``get`` hands back the
+    same array while the shape and dtype stay the same, and an array made with
+    ``zeros=True`` stays zero wherever the caller never writes: the border of a
+    padded image is written once, not every batch. ``scratch`` serves
+    temporaries whose size varies (blocks of an im2col matrix). Functions
+    called without a workspace (``work=None``) get fresh arrays. A layer's
     cache may point into its workspace: it is valid until the layer's next
     forward pass, which replaces the cache anyway.
     """

@@ -389,7 +389,7 @@ def mnist_net_v2(channels=(32, 64, 128), hidden=128, dropout=0.25, num_classes=1
     -> dropout -> dense to logits.
 
     Pooling before the normalisation and the ReLU runs both on a quarter of the values, and
-    the extra convolutions work on 7x7 and 3x3 maps: five convolutions for about 1.3 times
+    the extra convolutions work on 7x7 and 3x3 maps: five convolutions for about 1.5 times
     the time per batch of ``mnist_cnn``'s two.
     """
     layers, c_in, size = [], 1, 28

@@ -38,21 +38,12 @@ import cnn_layers as L  # noqa: E402
 import cnn_model as M  # noqa: E402
 import cnn_rnn as S  # noqa: E402
 import cnn_train as T  # noqa: E402
+from bench import log, timed  # noqa: E402  (benchmarks/bench.py: one copy of the timing helpers)
 
 SHAPE = dict(N=64, T=32, D=96, H=128)          # batch 64 of CIFAR-10 rows, the recipe's hidden size
 FULL = dict(repeats=15, gemm_repeats=5, loop_batch=2, steps=40)
 QUICK = dict(repeats=3, gemm_repeats=3, loop_batch=1, steps=4)
 RECIPES = {"mnist_rows_gru": ((1, 28, 28), 55_000), "cifar_rows_gru": ((3, 32, 32), 45_000)}   # input, train size
-
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
-def timed(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def median_time(fn, repeats, warmup=1):

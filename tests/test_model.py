@@ -386,3 +386,13 @@ def test_gelu_gradient(impl):
     x, y = np.random.default_rng(4).standard_normal((4, 5)), np.array([0, 2, 1, 1])
     errors = G.gradient_errors(model, x, y)
     assert max(errors.values()) < TOLERANCE, errors
+
+
+def test_mnist_net_v2_blocks_pool_before_normalising():
+    model = M.mnist_net_v2(seed=0)
+    assert model.forward(np.zeros((2, 1, 28, 28), np.float32)).shape == (2, 10)
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds[:4] == ["Conv2D", "MaxPool2D", "BatchNorm", "ReLU"]             # block 1: one conv
+    assert kinds[4:11] == ["Conv2D", "MaxPool2D", "BatchNorm", "ReLU", "Conv2D", "BatchNorm", "ReLU"]
+    assert kinds.count("Conv2D") == 5 and model.layers[-4].in_features == 128 * 3 * 3
+    assert M.mnist_net_v2(channels=(8,), hidden=16).forward(np.zeros((1, 1, 28, 28), np.float32)).shape == (1, 10)
