@@ -678,11 +678,6 @@ def batchnorm_backward_loop(dout, cache, input_grad=True):
     return (dx if input_grad else None), dgamma, dbeta
 
 
-def _channel_axes(x):
-    """Every axis but the channel axis 1, and the shape that broadcasts a (C,) vector."""
-    return (0,) + tuple(range(2, x.ndim)), (1, -1) + (1,) * (x.ndim - 2)
-
-
 # The vectorized cache: ``rows`` is x as an (m, C) matrix and ``center`` what is
 # subtracted from it to get deviations from the mean (the mean itself, or a small
 # correction when ``rows`` holds x already centred on an estimate of the mean).

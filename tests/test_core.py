@@ -323,9 +323,11 @@ def test_vectorized_layers_hand_on_channels_last_memory():
         assert np.moveaxis(g, 1, -1).flags.c_contiguous and g.dtype == np.float32, layer
 
 
-@pytest.mark.parametrize("shape", [(6, 3), (4, 3, 5), (3, 3, 4, 5), (1, 3, 3, 1)])
+@pytest.mark.parametrize("shape", [(6, 3), (4, 3, 5), (3, 3, 4, 5), (1, 3, 3, 1), (16, 3, 8)])
 @pytest.mark.parametrize("layout", ["channels-first", "channels-last"])
-def test_batchnorm_one_pass_statistics_match_the_loop_in_any_layout(shape, layout):
+@pytest.mark.parametrize("chunk", [C.ROW_CHUNK_BYTES, 40])      # 40 bytes: many chunks of rows
+def test_batchnorm_one_pass_statistics_match_the_loop_in_any_layout(shape, layout, chunk, monkeypatch):
+    monkeypatch.setattr(C, "ROW_CHUNK_BYTES", chunk)
     rng = np.random.default_rng(34)
     x = rng.standard_normal(shape) * 3 + 2
     as_layout = channels_last_view if layout == "channels-last" else (lambda a: a)
