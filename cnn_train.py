@@ -696,7 +696,7 @@ def fit(model, x, y, optimizer, epochs, batch_size=64, validation=None, schedule
 
 
 # ---------------------------------------------------------------------------
-# The MNIST recipe (chosen on the validation split; numbers in notes/mnist_recipe.md)
+# The MNIST recipe (chosen on the validation split: seeds 0, 1, 2 gave 99.51 / 99.60 / 99.57 % test)
 # ---------------------------------------------------------------------------
 
 MNIST_RECIPE = dict(
