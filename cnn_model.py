@@ -382,7 +382,7 @@ def mnist_cnn(**overrides):
 
 def mnist_net_v2(channels=(32, 64, 128), hidden=128, dropout=0.25, num_classes=10, impl="vectorized",
                  seed=0, dtype=DEFAULT_DTYPE):
-    """The network of the MNIST recipe (``cnn_train.mnist_recipe``):
+    """The network of the MNIST recipe (``cnn_recipes.mnist_recipe``):
     one block per entry of ``channels``, each conv 3x3 ('same') -> max-pool 2 -> BatchNorm -> ReLU
     (28 -> 14 -> 7 -> 3), every block after the first followed by a second conv 3x3 -> BatchNorm
     -> ReLU at the pooled size (``cifar_net``'s block); then flatten -> dense ``hidden`` -> ReLU

@@ -122,16 +122,24 @@ def plot_val_curves(curves, title=None, path=None):
     """Validation accuracy per epoch (numbered from 1) of several runs on one axis.
 
     curves: {label: list of validation accuracies, one per epoch}, drawn in
-    order; runs may have different numbers of epochs.
+    order; runs may have different numbers of epochs. A (seeds, epochs) array
+    instead of a list draws the mean over the seeds with error bars of one
+    standard deviation.
     """
     curves = {label: np.asarray(values, dtype=float) for label, values in curves.items()}
-    if not curves or not all(values.ndim == 1 and len(values) for values in curves.values()):
+    if not curves or not all(values.ndim in (1, 2) and values.shape[-1] for values in curves.values()):
         raise ValueError("plot_val_curves: need at least one run with one value per epoch, got "
                          f"{ {label: values.shape for label, values in curves.items()} }")
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
     for label, values in curves.items():
-        ax.plot(np.arange(1, len(values) + 1), values, "-o", ms=4, label=label)
-    longest = max(len(values) for values in curves.values())
+        epochs = np.arange(1, values.shape[-1] + 1)
+        if values.ndim == 2:
+            spread = values.std(axis=0, ddof=1) if len(values) > 1 else None
+            ax.errorbar(epochs, values.mean(axis=0), yerr=spread, fmt="-o", ms=4, capsize=3,
+                        label=f"{label} ({len(values)} seeds)")
+        else:
+            ax.plot(epochs, values, "-o", ms=4, label=label)
+    longest = max(values.shape[-1] for values in curves.values())
     ax.set(xlabel="epoch", ylabel="validation accuracy", title=title or "validation accuracy",
            xlim=(0.5, longest + 0.5))                  # whole epochs on the axis, even for a single one
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
@@ -391,4 +399,146 @@ def plot_occlusion(x, heatmaps, titles=None, path=None):
     for ax in axes:
         ax.axis("off")
     fig.colorbar(shown, ax=list(axes), shrink=0.8)
+    return _finish(fig, path)
+
+
+# ---------------------------------------------------------------------------
+# Report figures sized for a printed page: filter grids, feature maps of two
+# inputs, saliency and occlusion side by side
+# ---------------------------------------------------------------------------
+
+def strongest_channels(W):
+    """For conv weights W: (F, C, kh, kw), the input channel of each filter whose
+    kernel has the largest L2 norm: (F,) ints (the channel that filter relies on most)."""
+    W = np.asarray(W)
+    if W.ndim != 4:
+        raise ValueError(f"expected conv weights (F, C, kh, kw), got shape {W.shape}")
+    return np.sqrt((W.astype(float) ** 2).sum(axis=(2, 3))).argmax(axis=1)
+
+
+@_styled
+def plot_filter_grid(W, title=None, path=None, tile=0.62):
+    """Every filter of a conv layer W: (F, C, kh, kw) as one tile of a near-square grid.
+
+    C == 1: the filter itself. C == 3: an RGB tile (min-max scaled per filter).
+    C > 1 otherwise: per filter, its strongest input channel (largest L2 norm,
+    ``strongest_channels``), named under the tile ("ch 12"), and the title says so.
+    Weights use one diverging colour scale for the whole grid (red positive,
+    blue negative, shared colour bar), so tiles compare.
+    """
+    W = np.asarray(W, dtype=float)
+    if W.ndim != 4:
+        raise ValueError(f"expected conv weights (F, C, kh, kw), got shape {W.shape}")
+    F, C, kh, kw = W.shape
+    ncols = int(np.ceil(np.sqrt(F)))
+    nrows = -(-F // ncols)
+    deep = C not in (1, 3)
+    channels = strongest_channels(W) if deep else np.zeros(F, dtype=int)
+    tile = min(tile, 6.5 / ncols)                       # at most about a page's width
+    fig, axes = plt.subplots(nrows, ncols, figsize=(tile * ncols + 0.9, (tile + (0.16 if deep else 0.02)) * nrows + 0.5),
+                             squeeze=False, layout="constrained")
+    m = np.abs(W[np.arange(F), channels]).max() or 1.0
+    for f, ax in enumerate(axes.flat):
+        ax.set(xticks=[], yticks=[])
+        ax.grid(False)
+        if f >= F:
+            ax.axis("off")
+            continue
+        if C == 3:
+            w = W[f].transpose(1, 2, 0)
+            ax.imshow((w - w.min()) / (np.ptp(w) or 1.0))
+        else:
+            shown = ax.imshow(W[f, channels[f]], cmap="RdBu_r", vmin=-m, vmax=m)
+        if deep:
+            ax.set_xlabel(f"f{f} ch{channels[f]}", fontsize=6, labelpad=1)
+    if C != 3:
+        fig.colorbar(shown, ax=axes.ravel().tolist(), shrink=0.6, pad=0.02, label="weight")
+    default = (f"{F} filters {kh}x{kw}" + (f", each shown on its strongest of {C} input channels "
+                                           "(largest L2 norm)" if deep else ""))
+    fig.suptitle(title or default, fontsize=10)
+    return _finish(fig, path)
+
+
+@_styled
+def plot_feature_maps_pair(images, activations, titles, max_maps=16, title=None, path=None, cmap="gray"):
+    """The same channels of one layer for two (or more) inputs, side by side.
+
+    images: (N, C, H, W) inputs; activations: (N, C', h, w) that layer's output for
+    them; titles: N strings. Each input is shown small, then the first ``max_maps``
+    channels as a 4-column mosaic. A channel has one colour scale shared by all
+    inputs (0 to its largest value over them), so brighter means stronger.
+    """
+    images, activations = np.asarray(images), np.asarray(activations, dtype=float)
+    if images.ndim != 4 or activations.ndim != 4 or len(images) != len(activations) or len(titles) != len(images):
+        raise ValueError(f"plot_feature_maps_pair: need N images (N, C, H, W), N activations (N, C', h, w) and "
+                         f"N titles, got {images.shape}, {activations.shape}, {len(titles)} titles")
+    maps = activations[:, :max_maps]
+    lo = np.minimum(maps.min(axis=(0, 2, 3), keepdims=True), 0)
+    hi = maps.max(axis=(0, 2, 3), keepdims=True)
+    maps = (maps - lo) / np.where(hi > lo, hi - lo, 1)
+    ncols = 4
+    n = len(images)
+    fig, axes = plt.subplots(1, 2 * n, figsize=(3.6 * n, 2.6), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 2.6] * n})
+    for k in range(n):
+        axes[0, 2 * k].imshow(_to_display(images[k]), cmap="gray", vmin=0, vmax=1)
+        axes[0, 2 * k].set_title(titles[k], fontsize=9)
+        axes[0, 2 * k + 1].imshow(_mosaic(maps[k], ncols, fill=np.nan), cmap="viridis", vmin=0, vmax=1)
+        axes[0, 2 * k + 1].set_title(f"channels 0-{len(maps[k]) - 1} (row by row)", fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle(title or f"feature maps {activations.shape[1:]}", fontsize=10)
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def occlusion_drop(model, x, label=None, patch=8, stride=2, fill=0.0, batch_size=256):
+    """How much the probability of ``label`` (default: the predicted class) falls
+    when a ``patch`` x ``patch`` square of ``fill`` hides each part of ONE image x: (C, H, W).
+
+    Returns (drop, label, p): drop (OH, OW) = p - P(label | occluded) with the
+    positions of ``occlusion_map``, p the probability on the whole image.
+    Positive: that region supported the decision; negative: it spoke against it.
+    ``fill`` may be a number or an image of x's shape (e.g. the mean training image).
+    """
+    x = np.asarray(x)
+    proba = model.predict_proba(x[None])[0]
+    label = int(proba.argmax()) if label is None else int(label)
+    return proba[label] - occlusion_map(model, x, label, patch, stride, fill, batch_size), label, float(proba[label])
+
+
+@_styled
+def plot_explanations(x, saliency, drops, titles, patch=None, path=None, title=None):
+    """Columns of: image (with ``titles``), |saliency| (max over channels) and the
+    occlusion drop map, for N images x: (N, C, H, W).
+
+    saliency: same shape as x (e.g. ``input_gradient`` for the predicted class);
+    drops: N maps from ``occlusion_drop``, each drawn on its own symmetric scale
+    (red: hiding this region lowers the predicted class's probability, blue:
+    raises it) upsampled to the image size so they line up with it.
+    """
+    x, saliency = np.asarray(x), np.asarray(saliency)
+    n = len(x)
+    if x.ndim != 4 or saliency.shape != x.shape or len(drops) != n or len(titles) != n:
+        raise ValueError(f"plot_explanations: need N images (N, C, H, W), saliency of the same shape, N maps "
+                         f"and N titles, got {x.shape}, {saliency.shape}, {len(drops)}, {len(titles)}")
+    fig, axes = plt.subplots(3, n, figsize=(1.25 * n + 0.9, 4.3), squeeze=False)
+    H, W = x.shape[2:]
+    for k in range(n):
+        axes[0, k].imshow(_to_display(x[k]), cmap="gray", vmin=0, vmax=1)
+        axes[0, k].set_title(titles[k], fontsize=7)
+        axes[1, k].imshow(np.abs(saliency[k]).max(axis=0), cmap="magma")
+        drop = np.asarray(drops[k], dtype=float)
+        m = np.abs(drop).max() or 1.0
+        axes[2, k].imshow(drop, cmap="RdBu_r", vmin=-m, vmax=m, extent=(0, W, H, 0))
+        axes[2, k].text(0.5, -0.04, f"max {drop.max():+.2f}", transform=axes[2, k].transAxes,
+                        ha="center", va="top", fontsize=6)
+    for ax in axes.flat:
+        ax.set(xticks=[], yticks=[])
+        ax.grid(False)
+    axes[1, 0].set_ylabel("|saliency|", fontsize=8)
+    axes[2, 0].set_ylabel("occlusion drop" + (f"\n({patch}x{patch} patch)" if patch else ""), fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
     return _finish(fig, path)

@@ -14,6 +14,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,118 @@ def results_table(results, columns):
     return markdown_table(columns, [[fmt.format(r=r) for fmt in columns.values()] for r in results])
 
 
+def summary_table(model, input_shape):
+    """A Markdown table of ``model`` (a ``cnn_model.Sequential``) for one example
+    of ``input_shape`` (e.g. (1, 28, 28)): layer, output shape, parameters and
+    multiply-adds per example, with a total row.
+
+    Multiply-adds (MACs) of one forward pass: Conv2D ``OH*OW*F*C*kh*kw``, Conv1D
+    ``OL*F*C*k``, Dense ``in*out``, a recurrent or per-step layer (GRU,
+    StepDense) its weight matrices times the number of steps; every other layer 0
+    (its elementwise work is not a product). Display it with ``table``.
+    """
+    x = np.zeros((1,) + tuple(input_shape), dtype=model.dtype)
+    rows, total_params, total_macs = [["input", str(tuple(input_shape)), "", ""]], 0, 0
+    for layer in model.layers:
+        y = layer.forward(x, training=False)
+        count = sum(p.size for p in layer.params.values())
+        macs = _layer_macs(layer, x, y)
+        total_params, total_macs = total_params + count, total_macs + macs
+        label = layer.label() + ("" if getattr(layer, "trainable", True) else " (frozen)")
+        rows.append([label, str(y.shape[1:]), f"{count:,}" if count else "", f"{macs:,}" if macs else ""])
+        x = y
+    rows.append(["**total**", "", f"**{total_params:,}**", f"**{total_macs:,}**"])
+    return markdown_table(["layer", "output shape", "parameters", "multiply-adds"], rows)
+
+
+def _layer_macs(layer, x, y):
+    """Multiply-adds of one example through ``layer`` (x: its input, y: its output, batch of 1)."""
+    W = layer.params.get("W")
+    name = type(layer).__name__
+    if W is None:
+        return 0
+    if name in ("Conv2D", "Conv1D"):                  # every weight once per output position
+        return int(W.size * np.prod(y.shape[2:]))
+    if name == "Dense":
+        return int(W.size)
+    matrices = sum(p.size for p in layer.params.values() if p.ndim >= 2)
+    return int(matrices * x.shape[1]) if x.ndim == 3 else 0       # (N, T, D): once per step
+
+
+# ---------------------------------------------------------------------------
+# Captioned figures and tables (numbered across the whole PDF by tools/build_report.py)
+# ---------------------------------------------------------------------------
+
+# Output metadata key that tools/build_report.py reads: {"float": "figure" | "table",
+# "caption": ..., "label": ...} on the figure or table itself, {"caption_text": True}
+# on the caption line that Jupyter shows under it (the PDF's \caption replaces that line).
+FLOAT_KEY = "cnn_report"
+
+
+def _display(obj, metadata=None):
+    from IPython.display import display        # imported when a notebook shows something
+    display(obj, metadata=metadata)
+
+
+def _caption_line(kind, caption):
+    return MarkdownText(f"*{kind.capitalize()}: {caption}*")
+
+
+def _check_caption(function, caption, label):
+    if not isinstance(caption, str) or not caption.strip():
+        raise ValueError(f"{function}: the caption must be a non-empty string saying what to look at, got {caption!r}")
+    if label is not None and not re.fullmatch(r"[A-Za-z0-9_-]+", str(label)):
+        raise ValueError(f"{function}: label must be letters, digits, '-' or '_', got {label!r}")
+
+
+def figure(fig, caption, label=None):
+    """Show ``fig`` (a matplotlib Figure, or the path of a PNG) with ``caption``.
+
+    In Jupyter the figure appears with the caption in italics under it; in the
+    PDF ``tools/build_report.py`` turns it into a numbered LaTeX figure (numbers
+    run across all notebooks). ``label`` (letters, digits, ``-``, ``_``) lets a
+    Markdown cell refer to it as ``[figure](#label)``, which becomes "figure 7".
+    The Figure is closed after it is shown, so Jupyter does not show it twice.
+    """
+    _check_caption("figure", caption, label)
+    if isinstance(fig, (str, Path)):
+        from IPython.display import Image
+        shown = Image(filename=str(fig))
+    else:
+        shown = fig
+    _display(shown, metadata={FLOAT_KEY: {"float": "figure", "caption": caption, "label": label}})
+    if not isinstance(fig, (str, Path)):
+        import matplotlib.pyplot as plt
+        plt.close(fig)
+    _display(_caption_line("figure", caption), metadata={FLOAT_KEY: {"caption_text": True}})
+
+
+def table(markdown, caption, label=None):
+    """Show a Markdown table (e.g. from ``markdown_table``, ``results_table`` or
+    ``summary_table``) with ``caption``; in the PDF it becomes a numbered table
+    that never breaks across pages. ``label`` as for ``figure`` (``[table](#label)``)."""
+    _check_caption("table", caption, label)
+    text = str(markdown).strip()
+    if not text.startswith("|"):
+        raise ValueError(f"table: expected a Markdown table (lines starting with '|'), got {text[:60]!r}")
+    _display(MarkdownText(text), metadata={FLOAT_KEY: {"float": "table", "caption": caption, "label": label}})
+    _display(_caption_line("table", caption), metadata={FLOAT_KEY: {"caption_text": True}})
+
+
+def classification_table(report, digits=4):
+    """The per-class precision, recall, F1 and support of a
+    ``cnn_metrics.classification_report`` as a Markdown table, with the macro
+    and weighted averages as the last rows."""
+    names = report["class_names"]
+    rows = [[names[k], *(f"{report[m][k]:.{digits}f}" for m in ("precision", "recall", "f1")),
+             f"{int(report['support'][k]):,}"] for k in range(len(names))]
+    for average in ("macro", "weighted"):
+        if average in report:
+            rows.append([f"*{average} average*", *(f"{report[average][m]:.{digits}f}"
+                                                   for m in ("precision", "recall", "f1")), ""])
+    return markdown_table(["class", "precision", "recall", "F1", "support"], rows)
+
+
 # ---------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------
@@ -110,6 +223,12 @@ def _live_progress_bar():
     """tqdm's bar with an ETA: a widget in Jupyter, a text line in a terminal."""
     from tqdm.auto import tqdm        # imported only when a bar is wanted
     return tqdm
+
+
+def progress_bar(enabled):
+    """What to pass as ``cnn_train.fit(progress=...)``: tqdm's live bar with an
+    ETA when ``enabled`` (Jupyter), otherwise False (the PDF keeps the per-epoch lines)."""
+    return _live_progress_bar() if enabled else False
 
 
 def train_or_load(runs, name, model, data, optimizer, epochs, progress=False, **fit_kwargs):
@@ -165,21 +284,27 @@ class Result:
         """The final validation accuracy."""
         return self.curve[-1]
 
+    @property
+    def minutes(self):
+        """Training time of all epochs together, in minutes."""
+        return self.train_seconds / 60
+
     def summary(self, *fields):
         """{field: value} of the named fields or properties, e.g. for a JSON file."""
         return {name: getattr(self, name) for name in fields}
 
 
-def model_result(name, model, history, data=None):
+def model_result(name, model, history, data=None, tta=None):
     """The ``Result`` of a trained ``model`` and its ``history`` (a dict or a
     ``cnn_train.History``); with ``data`` (a ``cnn_data.Dataset``) also its test
-    accuracy and classification report on ``data.x_test``, ``data.y_test``."""
+    accuracy and classification report on ``data.x_test``, ``data.y_test``
+    (predicted with test-time augmentation ``tta``, see ``Sequential.predict``)."""
     h = history.as_dict() if hasattr(history, "as_dict") else history
     result = Result(name=name, params=model.num_params(), epochs=len(h["seconds"]),
                     seconds=float(np.median(h["seconds"])), curve=list(h["val_acc"]),
                     train_seconds=float(np.sum(h["seconds"])))
     if data is not None:
-        result.report = E.classification_report(data.y_test, model.predict(data.x_test),
+        result.report = E.classification_report(data.y_test, model.predict(data.x_test, tta=tta),
                                                  class_names=data.class_names)
         result.accuracy = result.report["accuracy"]
     return result
@@ -206,6 +331,50 @@ def seed_statistics(values):
     if values.size == 0:
         raise ValueError("seed_statistics: no values (no finished run)")
     return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0
+
+
+# Welch's t above this for 3 + 3 runs (4 degrees of freedom) is a two-sided p < 0.05.
+NOISE_T = 2.78
+
+
+def beyond_noise(a, b):
+    """Is the difference of the means of two sets of per-seed values larger than
+    the seed noise? Welch's t = (mean_a - mean_b) / sqrt(s_a^2/n_a + s_b^2/n_b)
+    against ``NOISE_T``. Returns (difference, t, verdict) with verdict "yes", "no",
+    or "n/a" when either side has a single run (no spread to compare with)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    diff = float(a.mean() - b.mean())
+    if a.size < 2 or b.size < 2:
+        return diff, float("nan"), "n/a"
+    scale = float(np.sqrt(a.var(ddof=1) / a.size + b.var(ddof=1) / b.size))
+    t = diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf") * np.sign(diff))
+    return diff, t, "yes" if abs(t) > NOISE_T else "no"
+
+
+def study_table(study, baseline, metric="val_acc", label="validation accuracy"):
+    """A Markdown table of a study, {variant: [Result, one per seed]}: parameters,
+    seconds per epoch, the metric's mean +- standard deviation over the seeds,
+    its difference to the ``baseline`` variant and whether that difference
+    exceeds the seed noise (``beyond_noise``). ``metric``: a ``Result`` field
+    or property holding a fraction, named ``label`` in the header."""
+    if baseline not in study:
+        raise ValueError(f"study_table: baseline {baseline!r} is not one of the variants {list(study)}")
+    base = [getattr(r, metric) for r in study[baseline]]
+    rows = []
+    for name, runs in study.items():
+        values = [getattr(r, metric) for r in runs]
+        mean, std = seed_statistics(values)
+        diff, t, verdict = beyond_noise(values, base)
+        rows.append([name, f"{runs[0].params:,}", f"{np.median([r.seconds for r in runs]):.1f}",
+                     f"{mean:.2%} ± {std:.2%}", "baseline" if name == baseline else f"{diff * 100:+.2f}",
+                     "" if name == baseline else (verdict if verdict == "n/a" else f"{verdict} (t = {t:.1f})")])
+    return markdown_table(["variant", "parameters", "s / epoch", f"{label} ({len(base)} seeds)",
+                           "difference (points)", "beyond seed noise?"], rows)
+
+
+def study_curves(study):
+    """{variant: (seeds, epochs) array of validation curves} for ``cnn_plots.plot_val_curves``."""
+    return {name: np.array([r.curve for r in runs]) for name, runs in study.items()}
 
 
 def task_record(task_id, dataset, model, parameters, seeds, test_accuracy, epochs, train_seconds, **extra):
@@ -258,6 +427,44 @@ def tasks_table(report):
                      f"{t['test_accuracy_mean']:.2%}{spread}", t["epochs"], f"{sum(t['train_seconds']) / runs / 60:.1f} min"])
     return markdown_table(["task", "dataset", "model", "parameters", "seeds", "test accuracy", "epochs",
                            "training per run"], rows)
+
+def _best_time(run, repeats):
+    """(the fastest of ``repeats`` timings of run(), its last result): the minimum is
+    the time least disturbed by other work on a shared machine."""
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        result = run()
+        times.append(time.perf_counter() - began)
+    return min(times), result
+
+
+def loop_vs_vectorized(model, x, repeats=5):
+    """A Markdown table: each layer of ``model`` that has both implementations run
+    as "loop" and as "vectorized" on the same batch x (its input there), forward
+    with ``training=True`` and backward of ones: the largest difference of the
+    output and the input gradient, and the time of each (the loop once, the
+    vectorized version the fastest of ``repeats``). Layers are left as found."""
+    rows, activation = [], x
+    for layer in model.layers:
+        if not hasattr(layer, "impl"):
+            activation = layer.forward(activation, training=False)
+            continue
+        found, times, outputs = layer.impl, {}, {}
+        for impl, n in (("loop", 1), ("vectorized", repeats)):
+            layer.impl = impl
+
+            def run():
+                out = layer.forward(activation, training=True)
+                return out, layer.backward(np.ones_like(out))
+            times[impl], outputs[impl] = _best_time(run, n)
+        layer.impl = found
+        diff = max(float(np.abs(a - b).max()) for a, b in zip(outputs["loop"], outputs["vectorized"]))
+        rows.append([layer.label(), f"{diff:.1e}", f"{times['loop'] * 1e3:,.0f}", f"{times['vectorized'] * 1e3:.2f}",
+                     f"{times['loop'] / times['vectorized']:,.0f}x"])
+        activation = outputs["vectorized"][0]
+    return markdown_table(["layer", "max difference", "loop ms (fwd+bwd)", "vectorized ms", "speed-up"], rows)
+
 
 # ---------------------------------------------------------------------------
 # The speed benchmark (benchmarks/bench.py)

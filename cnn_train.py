@@ -18,7 +18,7 @@ from cnn_core import _pad, check_labels
 from cnn_files import save_npz
 from cnn_layers import Dropout, SoftmaxCrossEntropy
 from cnn_model import (NotAnArchiveError, Sequential, _describe_arrays, as_batch_array, check_batch_size,
-                       check_finite, check_tta, mnist_net_v2, prepare_batch, read_npz)
+                       check_finite, check_tta, prepare_batch, read_npz)
 
 # ---------------------------------------------------------------------------
 # Argument checks: a bad hyperparameter fails at construction, not as NaN weights later
@@ -693,40 +693,3 @@ def fit(model, x, y, optimizer, epochs, batch_size=64, validation=None, schedule
     if average is not None:
         average.copy_to(model)
     return history
-
-
-# ---------------------------------------------------------------------------
-# The MNIST recipe (chosen on the validation split: seeds 0, 1, 2 gave 99.51 / 99.60 / 99.57 % test)
-# ---------------------------------------------------------------------------
-
-MNIST_RECIPE = dict(
-    epochs=6, batch_size=128,
-    lr=0.05, momentum=0.9, weight_decay=5e-4,      # SGD with Nesterov momentum
-    warmup=0.2,                                     # warmup_linear_schedule: 20 % up, then down to 0
-    label_smoothing=0.1, ema=0.998,
-    shift=2,                                        # random shifts of up to 2 pixels
-)
-
-
-def mnist_recipe(seed=0, **changes):
-    """The MNIST recipe as ``(model, optimizer, fit_kwargs)``:
-
-        model, optimizer, kwargs = T.mnist_recipe(seed=0)
-        T.fit(model, x_train, y_train, optimizer, validation=(x_val, y_val), **kwargs)
-
-    ``M.mnist_net_v2(seed)`` trained by ``SGD`` with Nesterov momentum and weight
-    decay, a per-step ``warmup_linear_schedule``, label smoothing, weight
-    averaging (``ema``) and random shifts; the values are ``MNIST_RECIPE``, and
-    keyword arguments with its names replace them (e.g. ``epochs=1`` for a test).
-    ``seed`` seeds both the initialisation and ``fit`` (shuffling, augmentation, dropout).
-    """
-    unknown = set(changes) - set(MNIST_RECIPE)
-    if unknown:
-        raise ValueError(f"mnist_recipe: unknown settings {sorted(unknown)}; the recipe has {sorted(MNIST_RECIPE)}")
-    r = {**MNIST_RECIPE, **changes}
-    model = mnist_net_v2(seed=seed)
-    optimizer = SGD(r["lr"], momentum=r["momentum"], nesterov=True, weight_decay=r["weight_decay"])
-    kwargs = dict(epochs=r["epochs"], batch_size=r["batch_size"], seed=seed,
-                  schedule=warmup_linear_schedule(r["lr"], r["epochs"], warmup=r["warmup"]),
-                  augment=augmentation(crop=r["shift"]), label_smoothing=r["label_smoothing"], ema=r["ema"])
-    return model, optimizer, kwargs

@@ -19,9 +19,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import cnn_data as D  # noqa: E402
-import cnn_model as M  # noqa: E402
+import cnn_recipes as Q  # noqa: E402
 import cnn_report as R  # noqa: E402
-import cnn_train as T  # noqa: E402
 
 QUICK = os.environ.get("CNN_QUICK") == "1"
 OUT = Path(os.environ.get("CNN_OUT", ROOT))
@@ -30,10 +29,7 @@ FIGURES = OUT / "figures"
 PROGRESS = os.environ.get("CNN_PROGRESS", "1") != "0"
 QUICK_SIZES = (2000, 500, 1000)      # train / validation / test examples in quick mode
 
-# The MNIST recipe of the report (notebook 1 trains it, the others reuse it).
-MNIST_EPOCHS = 1 if QUICK else 12
-MNIST_LR = 1e-3
-MNIST_SHIFT = 2          # pixels of random shift (augmentation)
+SEEDS = (0,) if QUICK else (0, 1, 2)   # every final model is trained with each seed
 
 
 def load(dataset="mnist"):
@@ -53,10 +49,13 @@ def train_or_load(name, model, data, optimizer, epochs, **fit_kwargs):
     return R.train_or_load(RUNS, name, model, data, optimizer, epochs, progress=PROGRESS, **fit_kwargs)
 
 
-def mnist_model(data, name="mnist_cnn"):
-    """The report's MNIST network, trained with the report's recipe (or loaded);
-    also used unchanged for Fashion-MNIST. Returns (model, history)."""
-    return train_or_load(
-        name, M.mnist_cnn(seed=0), data, T.Adam(MNIST_LR), MNIST_EPOCHS,
-        batch_size=64, schedule=T.cosine_schedule(MNIST_LR, MNIST_EPOCHS, lr_min=1e-5),
-        augment=T.augmentation(crop=MNIST_SHIFT), seed=0)
+def quick(**changes):
+    """Recipe changes for the quick mode: one epoch (none in a full build)."""
+    return {"epochs": 1, **changes} if QUICK else {}
+
+
+def mnist_model(data, name="mnist", seed=0):
+    """The report's MNIST model (``cnn_recipes.mnist_recipe`` with ``seed``), trained
+    or loaded from runs/; also used unchanged for Fashion-MNIST. Returns (model, history)."""
+    model, optimizer, kwargs = Q.mnist_recipe(seed, **quick())
+    return train_or_load(f"{name}_seed{seed}", model, data, optimizer, **kwargs)

@@ -173,3 +173,82 @@ def test_plot_occlusion_pairs_each_image_with_its_map_on_one_scale():
         assert shown.get_clim() == (0, 1)                                   # probabilities on one fixed scale
     with pytest.raises(ValueError, match="N heat maps"):
         P.plot_occlusion(GRAY[:2], heatmaps[:1])
+
+
+def test_plot_val_curves_draws_seed_means_with_error_bars(tmp_path):
+    curves = {"one run": [0.5, 0.6], "three seeds": np.array([[0.5, 0.6, 0.7], [0.52, 0.62, 0.7], [0.48, 0.6, 0.72]])}
+    fig = P.plot_val_curves(curves, path=tmp_path / "c.png")
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["one run", "three seeds (3 seeds)"]
+    mean_line = [line for line in ax.get_lines() if len(line.get_ydata()) == 3][0]
+    assert np.allclose(mean_line.get_ydata(), curves["three seeds"].mean(axis=0))
+    assert len(ax.collections) == 1          # the error bars of the seeded curve only
+
+
+# ---------------------------------------------------------------- report figures (issue 10)
+
+def test_strongest_channels_picks_the_input_channel_with_the_largest_l2_norm():
+    W = np.zeros((3, 4, 3, 3))
+    W[0, 2, 1, 1] = -5.0                     # a negative kernel counts by its norm
+    W[1, 0] = 1.0                            # norm 3 beats a single weight of 2.5
+    W[1, 3, 0, 0] = 2.5
+    W[2, 1, 0, 0] = 0.1
+    assert P.strongest_channels(W).tolist() == [2, 0, 1]
+    with pytest.raises(ValueError, match="conv weights"):
+        P.strongest_channels(W[0])
+
+
+def test_plot_filter_grid_near_square_tiles_named_by_strongest_channel(tmp_path):
+    W = RNG.normal(size=(10, 6, 3, 3))
+    fig = P.plot_filter_grid(W, path=tmp_path / "g.png")
+    tiles = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert len(tiles) == 12                                  # 10 filters: 4 columns x 3 rows
+    shown = [ax for ax in tiles if ax.images]
+    assert len(shown) == 10
+    channels = P.strongest_channels(W)
+    assert [ax.get_xlabel() for ax in shown] == [f"f{f} ch{channels[f]}" for f in range(10)]
+    assert np.array_equal(shown[3].images[0].get_array(), W[3, channels[3]])
+    assert "largest L2 norm" in fig._suptitle.get_text()
+    assert (tmp_path / "g.png").exists()
+    one = P.plot_filter_grid(RNG.normal(size=(9, 1, 3, 3)))  # first layer: the filter itself, no channel names
+    assert sum(bool(ax.images) for ax in one.axes) == 9
+    assert all(ax.get_xlabel() == "" for ax in one.axes)
+
+
+def test_plot_feature_maps_pair_shares_one_scale_per_channel():
+    images = RNG.uniform(size=(2, 1, 8, 8))
+    activations = np.zeros((2, 3, 4, 4))
+    activations[0, 1] = 1.0                    # channel 1 fires for input 0 only
+    activations[1, 1] = 0.5
+    fig = P.plot_feature_maps_pair(images, activations, ["a", "b"], max_maps=3)
+    mosaics = [ax.images[0].get_array() for ax in fig.axes[1::2]]
+    # input 1's channel 1 is drawn at half the brightness of input 0's (one scale per channel)
+    assert np.nanmax(mosaics[0]) == 1.0 and np.nanmax(mosaics[1]) == 0.5
+    with pytest.raises(ValueError, match="N titles"):
+        P.plot_feature_maps_pair(images, activations, ["a"])
+
+
+def test_occlusion_drop_is_the_fall_of_the_predicted_probability():
+    model = tiny_model()
+    x = RNG.normal(size=(1, 6, 6))
+    drop, label, p = P.occlusion_drop(model, x, patch=3, stride=1)
+    proba = model.predict_proba(x[None])[0]
+    assert label == proba.argmax() and p == pytest.approx(proba[label])
+    assert np.allclose(drop, proba[label] - P.occlusion_map(model, x, label, patch=3, stride=1))
+    assert drop.shape == (4, 4) and np.ptp(drop) > 0          # the map varies over the image
+    mean = np.full_like(x, 0.3)                                  # an image as the baseline
+    other, _, _ = P.occlusion_drop(model, x, label=0, patch=3, stride=1, fill=mean)
+    assert np.allclose(other, proba[0] - P.occlusion_map(model, x, 0, patch=3, stride=1, fill=mean))
+
+
+def test_plot_explanations_three_rows_and_a_symmetric_scale_per_map(tmp_path):
+    x, sal = RNG.uniform(size=(3, 1, 8, 8)), RNG.normal(size=(3, 1, 8, 8))
+    drops = [RNG.normal(size=(4, 4)) for _ in range(3)]
+    fig = P.plot_explanations(x, sal, drops, ["a", "b", "c"], patch=4, path=tmp_path / "e.png")
+    assert len(fig.axes) == 9
+    low, high = fig.axes[6].images[0].get_clim()              # bottom row, first column
+    assert low == -high == -np.abs(drops[0]).max()
+    assert (tmp_path / "e.png").exists()
+    with pytest.raises(ValueError, match="N titles"):
+        P.plot_explanations(x, sal, drops, ["a"])

@@ -258,3 +258,175 @@ def test_tasks_table_shows_seed_spread_or_says_one_run():
     lines = R.tasks_table(report).splitlines()
     assert lines[2] == "| mnist | MNIST | net | 1,000 | 2 | 99.25% ± 0.35% | 3 | 1.5 min |"
     assert lines[3] == "| gru | MNIST | GRU | 10 | 1 | 98.00% (one run) | 3 | 0.5 min |"
+
+
+# ---------------------------------------------------------------- seed studies
+
+def _runs(values, params=10, seconds=2.0):
+    return [R.Result(name="v", params=params, epochs=2, seconds=seconds, curve=[v - 0.01, v]) for v in values]
+
+
+def test_beyond_noise_is_welch_t_against_the_threshold():
+    diff, t, verdict = R.beyond_noise([0.90, 0.91, 0.92], [0.80, 0.81, 0.82])
+    assert diff == pytest.approx(0.10) and t == pytest.approx(0.10 / np.sqrt(2 * 1e-4 / 3)) and verdict == "yes"
+    assert R.beyond_noise([0.90, 0.95, 0.85], [0.89, 0.94, 0.86])[2] == "no"      # 1 point inside a 5-point spread
+    assert R.beyond_noise([0.9], [0.8, 0.85])[2] == "n/a"                          # one run: no spread
+    assert R.beyond_noise([0.9, 0.9], [0.8, 0.8])[2] == "yes"                      # no spread at all, a difference
+
+
+def test_study_table_gives_mean_std_difference_and_verdict():
+    study = {"base": _runs([0.90, 0.91, 0.92]), "better": _runs([0.95, 0.96, 0.97]),
+             "same": _runs([0.905, 0.915, 0.92])}
+    text = str(R.study_table(study, "base"))
+    lines = text.splitlines()
+    assert "validation accuracy (3 seeds)" in lines[0] and "beyond seed noise?" in lines[0]
+    assert "91.00% ± 1.00%" in lines[2] and "| baseline |" in lines[2]
+    assert "+5.00" in lines[3] and "yes (t = 6.1)" in lines[3]
+    assert "no (t = " in lines[4]
+    with pytest.raises(ValueError, match="baseline 'nope' is not one of the variants"):
+        R.study_table(study, "nope")
+    curves = R.study_curves(study)
+    assert curves["better"].shape == (3, 2)
+
+
+# ---------------------------------------------------------------- report presentation (issue 10)
+
+def test_summary_table_counts_parameters_and_multiply_adds_per_layer():
+    model = M.Sequential([L.Conv2D(1, 4, 3, padding=1), L.ReLU(), L.MaxPool2D(2), L.Flatten(),
+                          L.Dense(4 * 3 * 3, 5)], seed=0)
+    lines = str(R.summary_table(model, (1, 6, 6))).splitlines()
+    assert lines[0] == "| layer | output shape | parameters | multiply-adds |"
+    assert lines[2] == "| input | (1, 6, 6) |  |  |"
+    assert lines[3] == "| Conv2D 1->4 3x3 pad 1 | (4, 6, 6) | 40 | 1,296 |"      # 6*6 * 4*1*3*3
+    assert lines[4] == "| ReLU | (4, 6, 6) |  |  |"                               # elementwise: 0
+    assert lines[7] == "| Dense 36->5 | (5,) | 185 | 180 |"                         # 36*5
+    assert lines[-1] == "| **total** |  | **225** | **1,476** |"
+
+
+def test_summary_table_counts_conv1d_and_recurrent_layers_per_step():
+    conv1d = M.Sequential([L.Conv1D(3, 2, 3, padding=1)], seed=0)
+    assert str(R.summary_table(conv1d, (3, 5))).splitlines()[3].endswith("| 20 | 90 |")   # 5 * 2*3*3
+    import cnn_rnn as S
+    gru = M.Sequential([S.GRU(4, 2)], seed=0)
+    row = str(R.summary_table(gru, (7, 4))).splitlines()[3]
+    assert row.endswith(f"| {7 * (4 * 6 + 2 * 6)} |")                                 # T * (D*3H + H*3H)
+
+
+def _shown(monkeypatch):
+    shown = []
+    monkeypatch.setattr(R, "_display", lambda obj, metadata=None: shown.append((obj, metadata)))
+    return shown
+
+
+def test_figure_shows_the_figure_with_caption_metadata_then_closes_it(monkeypatch):
+    import matplotlib.pyplot as plt
+    shown = _shown(monkeypatch)
+    fig = plt.figure()
+    R.figure(fig, "What to look at.", label="fig-a")
+    (obj, meta), (line, line_meta) = shown
+    assert obj is fig and meta == {R.FLOAT_KEY: {"float": "figure", "caption": "What to look at.", "label": "fig-a"}}
+    assert line == "*Figure: What to look at.*" and line_meta == {R.FLOAT_KEY: {"caption_text": True}}
+    assert not plt.fignum_exists(fig.number)                  # Jupyter will not show it a second time
+    with pytest.raises(ValueError, match="non-empty string"):
+        R.figure(fig, "  ")
+    with pytest.raises(ValueError, match="label must be"):
+        R.figure(fig, "x", label="a b")
+
+
+def test_table_shows_markdown_with_caption_and_refuses_other_text(monkeypatch):
+    shown = _shown(monkeypatch)
+    R.table(R.markdown_table(["a"], [[1]]), "Caption.")
+    (obj, meta), (line, _) = shown
+    assert obj == "| a |\n|---|\n| 1 |" and obj._repr_markdown_() == obj
+    assert meta[R.FLOAT_KEY]["float"] == "table" and line == "*Table: Caption.*"
+    with pytest.raises(ValueError, match="Markdown table"):
+        R.table("just words", "Caption.")
+
+
+def test_classification_table_rows_per_class_and_averages():
+    report = E.classification_report(np.array([0, 1, 1]), np.array([0, 1, 0]), class_names=["a", "b"])
+    lines = str(R.classification_table(report, digits=2)).splitlines()
+    assert lines[0] == "| class | precision | recall | F1 | support |"
+    assert lines[2] == "| a | 0.50 | 1.00 | 0.67 | 1 |"
+    assert lines[-1].startswith("| *weighted average* |")
+
+
+def test_progress_bar_is_tqdm_with_eta_only_when_enabled():
+    from tqdm.auto import tqdm
+    assert R.progress_bar(False) is False
+    assert R.progress_bar(True) is tqdm
+
+
+# ---------------------------------------------------------------- tools/build_report.py: one numbering
+
+def _build_report():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("build_report", R.ROOT / "tools" / "build_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_number_floats_captions_every_figure_and_table_in_order_across_notebooks():
+    import base64
+    from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+    B = _build_report()
+    png = base64.b64encode(b"\x89PNG fake").decode()
+    table = "| a | b |\n|---|---|\n| 1 | 2 % |"
+    first = new_notebook(cells=[
+        new_markdown_cell("# Chapter\n\n## Kernel size"),
+        new_code_cell("x", outputs=[
+            new_output("display_data", data={"image/png": png, "text/plain": ""}),
+            new_output("stream", name="stderr", text="UserWarning: noisy\n"),
+            new_output("display_data", data={"text/markdown": table, "text/plain": ""})]),
+        new_markdown_cell("*Figure 1: the old\ncaption.*\n\nDiscussion stays."),
+    ])
+    second = new_notebook(cells=[
+        new_code_cell("y", outputs=[
+            new_output("display_data", data={"image/png": png, "text/plain": ""},
+                       metadata={R.FLOAT_KEY: {"float": "figure", "caption": "Explicit $x$.", "label": "ex"}}),
+            new_output("display_data", data={"text/markdown": "*Figure: Explicit*"},
+                       metadata={R.FLOAT_KEY: {"caption_text": True}})]),
+        new_markdown_cell("See [figure](#ex); *Table 4: nothing to attach to.*"),
+        new_markdown_cell("*Table 4: nothing above.*"),
+    ])
+    nb, resources, log = B.number_floats(B.merge([first, second], ["00_a", "01_b"]))
+    assert nb.cells[0].cell_type == "raw" and "\\tableofcontents" in nb.cells[0].source
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert len(outputs) == 3                        # stderr and the Jupyter caption line are gone
+    figure1, table1, figure2 = (o.data["text/latex"] for o in outputs)
+    assert "\\begin{figure}[H]" in figure1 and "figure-1-0.png" in figure1
+    assert "\\caption[{The old caption}]{The old caption.}" in figure1          # legacy caption, number dropped
+    assert "\\begin{table}[H]" in table1 and "\\begin{tabular}{@{}ll@{}}" in table1 and "longtable" not in table1
+    assert "\\caption[{Kernel size}]{Kernel size.}" in table1                  # no caption: the heading
+    assert "\\caption[{Explicit \\(x\\)}]{Explicit \\(x\\).}\\label{fig:ex}" in figure2
+    assert set(resources["outputs"]) == {"figure-1-0.png", "figure-2-0.png"}
+    markdown = [c.source for c in nb.cells if c.cell_type == "markdown"]
+    assert markdown[1] == "Discussion stays."
+    assert markdown[2].startswith("See figure 2;")
+    assert markdown[3].startswith("*Nothing above.*")                          # no float to attach: number dropped
+    assert any("stderr of 00_a" in line and "UserWarning" in line for line in log)
+    assert any(line.startswith("table 1 (00_a") and "no caption" in line for line in log)
+
+
+def test_number_floats_groups_consecutive_plain_images_of_one_cell_into_one_figure():
+    import base64
+    from nbformat.v4 import new_code_cell, new_notebook, new_output
+    B = _build_report()
+    png = {"image/png": base64.b64encode(b"png").decode(), "text/plain": ""}
+    nb = new_notebook(cells=[new_code_cell("x", outputs=[new_output("display_data", data=dict(png))
+                                                         for _ in range(3)])])
+    nb, resources, _ = B.number_floats(B.merge([nb]))
+    latex = "".join(o.data["text/latex"] for o in nb.cells[1].outputs)
+    assert latex.count("\\begin{figure}") == 1 and latex.count("\\adjustimage") == 3
+    assert len(resources["outputs"]) == 3
+
+
+def test_loop_vs_vectorized_compares_every_dual_layer():
+    model = M.Sequential([L.Conv2D(1, 2, 3, padding=1), L.ReLU(), L.MaxPool2D(2), L.Flatten(), L.Dense(8, 3)], seed=0)
+    x = np.random.default_rng(0).standard_normal((2, 1, 4, 4)).astype(np.float32)
+    lines = str(R.loop_vs_vectorized(model, x, repeats=2)).splitlines()
+    assert [line.split(" | ")[0].strip("| ") for line in lines[2:]] == [
+        "Conv2D 1->2 3x3 pad 1", "ReLU", "MaxPool2D 2x2", "Dense 8->3"]
+    assert all(float(line.split(" | ")[1]) < 1e-5 for line in lines[2:])
+    assert all(layer.impl == "vectorized" for layer in model.layers if hasattr(layer, "impl"))

@@ -578,18 +578,3 @@ def test_evaluate_with_flip_tta_averages_the_logits():
     flat = M.Sequential([L.Dense(4, 3)])
     with pytest.raises(ValueError, match=r"evaluate: tta='flip' .*\(N, C, H, W\)"):
         T.evaluate(flat, x[:, 0, 0], y, tta="flip")
-
-
-# ---------------------------------------------------------------- the MNIST recipe
-
-def test_mnist_recipe_builds_and_trains_with_every_technique():
-    model, optimizer, kwargs = T.mnist_recipe(seed=1, epochs=1, batch_size=16)
-    assert isinstance(optimizer, T.SGD) and optimizer.nesterov and T.is_per_step(kwargs["schedule"])
-    assert kwargs["ema"] == T.MNIST_RECIPE["ema"] and kwargs["label_smoothing"] == T.MNIST_RECIPE["label_smoothing"]
-    assert sum(isinstance(layer, L.BatchNorm) for layer in model.layers) == 5
-    rng = np.random.default_rng(0)
-    x, y = rng.random((32, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, 32)
-    history = T.fit(model, x, y, optimizer, progress=False, log=None, validation=(x[:8], y[:8]), **kwargs)
-    assert len(history.val_acc) == 1 and np.isfinite(history.train_loss[0])
-    with pytest.raises(ValueError, match=r"unknown settings \['epoch'\]"):
-        T.mnist_recipe(epoch=3)

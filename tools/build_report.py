@@ -13,10 +13,23 @@ CNN_PROGRESS ("0": no live progress bar, the PDF keeps the per-epoch lines).
 Training notebooks save weights and histories in <out>/runs/ and reuse them,
 so an interrupted build resumes where it stopped. Cells tagged "hide-input"
 show only their output in the PDF; cells tagged "remove-cell" are left out.
+
+Figures and tables are numbered once across the whole PDF (``number_floats``):
+every image output and every Markdown-table output of the executed notebooks
+becomes a LaTeX figure or table with a caption, listed in the table of contents'
+lists. The caption comes, in this order, from ``cnn_report.figure``/``table``
+(output metadata), from a Markdown cell right after the cell that starts with
+an italic "*Figure N: ...*" or "*Table: ...*" paragraph (its number is dropped:
+LaTeX numbers), or else from the section heading above (and the build lists
+those). Markdown cells refer to a labelled float as ``[figure](#label)``.
+Output on stderr (warnings) is printed in the build log, never put in the PDF;
+an error in a cell still stops the build.
 """
 import argparse
+import base64
 import copy
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -24,6 +37,7 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 from nbconvert import PDFExporter
+from nbconvert.filters.pandoc import convert_pandoc
 from traitlets.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,23 +58,221 @@ def execute(source, target):
     return nb
 
 
-def merge(notebooks):
-    """One notebook holding every cell of ``notebooks`` in order."""
+def merge(notebooks, names=None):
+    """One notebook holding every cell of ``notebooks`` in order, opened by a
+    table of contents and lists of figures and tables. ``names`` (one per
+    notebook, for the build log) are kept in each cell's metadata."""
     merged = copy.deepcopy(notebooks[0])
-    for nb in notebooks[1:]:
-        merged.cells.extend(copy.deepcopy(nb.cells))
+    merged.cells = []
+    for k, nb in enumerate(notebooks):
+        for cell in copy.deepcopy(nb.cells):
+            cell.metadata["build_source"] = names[k] if names else f"notebook {k}"
+            merged.cells.append(cell)
+    merged.cells.insert(0, nbformat.v4.new_raw_cell(CONTENTS, metadata={"raw_mimetype": "text/latex",
+                                                                           "format": "text/latex"}))
     merged.metadata["title"] = "A Convolutional Neural Network from Scratch in NumPy"
     merged.metadata["authors"] = [{"name": "cnn-numpy project"}]
     return merged
 
 
-def export_pdf(nb, target):
+# After the title: captions shown (nbconvert's template hides them), then the contents and the
+# lists of figures and tables on their own page(s).
+CONTENTS = ("\\captionsetup{format=plain, font=small, labelfont=bf, aboveskip=6pt, belowskip=4pt}\n"
+            "\\tableofcontents\n\\listoffigures\n\\listoftables\n\\clearpage\n")
+
+FLOAT_KEY = "cnn_report"           # cnn_report.FLOAT_KEY: the output metadata of R.figure / R.table
+# "*Figure 3: text*", "*Table: text*", "*Table 1 and figure 3: text*" opening a Markdown cell
+LEGACY_CAPTION = re.compile(r"\A\s*\*(?P<label>(?:figures?|tables?)(?:\s+\d+)?"
+                            r"(?:\s+and\s+(?:figures?|tables?)(?:\s+\d+)?)?)\s*:\s*(?P<text>.+?)\s*\*\s*(?:\n\s*\n|\Z)",
+                            re.IGNORECASE | re.DOTALL)
+HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.MULTILINE)
+REFERENCE = re.compile(r"\[(figure|table|Figure|Table)\]\(#([A-Za-z0-9_-]+)\)")
+
+
+def _is_table(output):
+    """A display output whose Markdown is a pipe table only (``cnn_report.markdown_table``)."""
+    text = str(output.get("data", {}).get("text/markdown", "")).strip()
+    lines = text.splitlines()
+    return (len(lines) >= 2 and all(line.lstrip().startswith("|") for line in lines)
+            and re.match(r"^\|?\s*:?-{3,}", lines[1].strip()) is not None)
+
+
+def _float_kind(output):
+    if output.get("output_type") not in ("display_data", "execute_result"):
+        return None
+    if "image/png" in output.get("data", {}):
+        return "figure"
+    return "table" if _is_table(output) else None
+
+
+def _to_latex(markdown):
+    """Markdown (a caption or a table) -> LaTeX through pandoc, as nbconvert does, on one line per paragraph."""
+    return convert_pandoc(markdown, "markdown+tex_math_double_backslash", "latex",
+                          extra_args=["--wrap=none", "--columns=1000"]).strip()
+
+
+def _short(caption_latex):
+    """The caption's first sentence, for the list of figures/tables (all of it when
+    cutting would leave a bracket or brace open)."""
+    first = re.split(r"(?<=\.)\s", caption_latex, maxsplit=1)[0].rstrip(".")
+    balanced = all(first.count(a) == first.count(b) for a, b in ("()", "{}", "[]"))
+    return first if balanced else caption_latex.rstrip(".")
+
+
+def _caption_command(caption, label, kind):
+    latex = _to_latex(caption)
+    label = f"\\label{{{'fig' if kind == 'figure' else 'tab'}:{label}}}" if label else ""
+    return f"\\caption[{{{_short(latex)}}}]{{{latex}}}{label}"
+
+
+def table_latex(markdown, caption, label=None):
+    """A Markdown pipe table as a non-floating-looking LaTeX table: ``[H]`` keeps it
+    where it is in the text and a tabular cannot break across pages (pandoc's
+    longtable can); wider than the text, it is scaled down to the text width."""
+    body = _to_latex(markdown).splitlines()
+    begin = next(i for i, line in enumerate(body) if line.startswith("\\begin{longtable}"))
+    spec = re.match(r"\\begin\{longtable\}(?:\[[^\]]*\])?(\{.*\})\s*$", body[begin]).group(1)
+    rows = body[begin + 1:body.index("\\end{longtable}")]
+    if "\\endfirsthead" in rows:                        # the header repeated on later pages: not needed
+        rows = rows[:rows.index("\\endfirsthead")] + rows[rows.index("\\endhead") + 1:]
+    if "\\endhead" in rows:
+        rows.remove("\\endhead")
+    if "\\endlastfoot" in rows:                         # pandoc 3 puts the foot (\bottomrule) first
+        end = rows.index("\\endlastfoot")
+        foot = [r for r in rows[:end] if r.startswith("\\bottomrule")]
+        rows = [r for r in rows[:end] if not r.startswith("\\bottomrule")] + rows[end + 1:] + foot
+    rows = [r for r in rows if r not in ("\\endfoot",)]
+    return "\n".join(["\\begin{table}[H]", "\\centering", _caption_command(caption, label, "table"),
+                      "\\begin{adjustbox}{max width=\\linewidth}", f"\\begin{{tabular}}{spec}", *rows,
+                      "\\end{tabular}", "\\end{adjustbox}", "\\end{table}"])
+
+
+def figure_latex(filenames, caption, label=None):
+    """One LaTeX figure of the PNG files ``filenames`` (stacked, each at most the text
+    width and a share of the page height) with ``caption`` below."""
+    height = 0.62 / len(filenames) if len(filenames) > 1 else 0.62
+    images = [f"\\adjustimage{{max size={{\\linewidth}}{{{height:.2f}\\textheight}}}}{{{name}}}\\par"
+              for name in filenames]
+    return "\n".join(["\\begin{figure}[H]", "\\centering", *images,
+                      _caption_command(caption, label, "figure"), "\\end{figure}"])
+
+
+def _legacy_caption(cell):
+    """(kinds, text, rest of the cell) when the Markdown ``cell`` opens with an italic
+    "*Figure N: ...*" / "*Table: ...*" paragraph, else None."""
+    match = LEGACY_CAPTION.match(cell.source)
+    if not match:
+        return None
+    label = match.group("label").lower()
+    kinds = {kind for kind in ("figure", "table") if kind in label}
+    text = " ".join(match.group("text").split())
+    return kinds, text[:1].upper() + text[1:], cell.source[match.end():]
+
+
+def number_floats(nb):
+    """Turn every figure and table output of the merged notebook ``nb`` into a
+    captioned LaTeX float, in order (LaTeX numbers them: one numbering for the
+    whole PDF); drop stderr outputs and the caption lines Jupyter shows.
+
+    Returns (notebook, resources, log): a new notebook whose float outputs carry
+    ``text/latex`` (preferred by nbconvert's LaTeX export; the PNG moves into
+    ``resources["outputs"]``), and lines for the build log (each stderr output
+    and each float that had no caption of its own).
+    """
+    nb = copy.deepcopy(nb)
+    resources, log, labels = {"outputs": {}}, [], {}
+    counts = {"figure": 0, "table": 0}
+    heading = ""
+    pending = []                  # floats of the last code cell that still wait for a caption
+    for index, cell in enumerate(nb.cells):
+        source = cell.metadata.get("build_source", "")
+        if cell.cell_type == "markdown":
+            legacy, chosen = _legacy_caption(cell), []
+            if legacy and pending:
+                kinds, text, rest = legacy
+                chosen = [f for f in pending if f["kind"] in kinds]
+                for f in chosen:
+                    f["caption"] = text
+                pending = []
+            if legacy and chosen:
+                cell.source = rest
+            elif legacy:                              # nothing to attach to: keep the words, drop the number
+                cell.source = f"*{legacy[1]}*\n\n{legacy[2]}"
+            found = HEADING.findall(cell.source)
+            heading = found[-1] if found else heading
+            continue
+        if cell.cell_type != "code":
+            continue
+        for f in pending:                           # the previous cell's floats got no caption
+            f["caption"] = None
+        outputs, groups = [], []
+        for output in cell.get("outputs", []):
+            meta = output.get("metadata", {}).get(FLOAT_KEY, {})
+            if output.get("output_type") == "stream" and output.get("name") == "stderr":
+                log.append(f"stderr of {source} cell {index} (not in the PDF): {output.get('text', '').strip()[:500]}")
+                continue
+            if meta.get("caption_text"):
+                continue
+            kind = _float_kind(output)
+            if kind is None:
+                outputs.append(output)
+                continue
+            if kind == "figure" and not meta and groups and groups[-1]["kind"] == "figure" \
+                    and not groups[-1]["explicit"] and groups[-1]["outputs"][-1] is (outputs[-1] if outputs else None):
+                groups[-1]["outputs"].append(output)   # consecutive plain images of one cell: one figure
+            else:
+                groups.append({"kind": kind, "outputs": [output], "explicit": bool(meta),
+                               "caption": meta.get("caption"), "label": meta.get("label"),
+                               "source": source, "cell": index, "heading": heading})
+            outputs.append(output)
+        cell.outputs = outputs
+        pending = [g for g in groups if g["caption"] is None]
+        cell.metadata["build_floats"] = groups
+    for cell in nb.cells:
+        for g in cell.metadata.pop("build_floats", []):
+            counts[g["kind"]] += 1
+            number = counts[g["kind"]]
+            if g["label"]:
+                labels[g["label"]] = f"{number}"
+            caption = g["caption"]
+            if caption is None:
+                caption = (g["heading"] or g["source"]).rstrip(".") + "."
+                log.append(f"{g['kind']} {number} ({g['source']} cell {g['cell']}) has no caption; "
+                           f"using the heading: {caption}")
+            if g["kind"] == "table":
+                latex = table_latex(g["outputs"][0]["data"]["text/markdown"], caption, g["label"])
+                g["outputs"][0]["data"] = {"text/latex": latex, "text/plain": ""}
+                continue
+            names = []
+            for k, output in enumerate(g["outputs"]):
+                name = f"figure-{number}-{k}.png"
+                resources["outputs"][name] = base64.b64decode(output["data"]["image/png"])
+                names.append(name)
+                output["data"] = {"text/latex": "", "text/plain": ""}
+            g["outputs"][-1]["data"]["text/latex"] = figure_latex(names, caption, g["label"])
+    for cell in nb.cells:                          # "[figure](#label)" -> "figure 7"
+        if cell.cell_type == "markdown":
+            cell.source = REFERENCE.sub(lambda m: _reference(m, labels, log), cell.source)
+    return nb, resources, log
+
+
+def _reference(match, labels, log):
+    word, label = match.groups()
+    if label not in labels:
+        log.append(f"reference to an unknown label #{label}: left as the bare word")
+        return word
+    return f"{word} {labels[label]}"
+
+
+def export_pdf(nb, target, resources=None):
     config = Config()
     config.TagRemovePreprocessor.enabled = True
     config.TagRemovePreprocessor.remove_input_tags = {"hide-input"}
     config.TagRemovePreprocessor.remove_cell_tags = {"remove-cell"}
     config.PDFExporter.latex_command = ["xelatex", "-interaction=nonstopmode", "{filename}"]
-    pdf, _ = PDFExporter(config=config).from_notebook_node(nb)
+    # Raw LaTeX cells (the table of contents) pass through; the PDF exporter's default lists only PDF.
+    config.PDFExporter.raw_mimetypes = ["text/latex", "application/pdf"]
+    pdf, _ = PDFExporter(config=config).from_notebook_node(nb, resources=resources)
     save_bytes(target, pdf)
 
 
@@ -81,7 +293,10 @@ def main(argv=None):
     began = time.time()
     print(f"executing {len(sources)} notebooks ({'quick' if args.quick else 'full'} mode) into {out}")
     executed = [execute(src, src if out == ROOT else out / "notebooks" / src.name) for src in sources]
-    export_pdf(merge(executed), out / "report.pdf")
+    merged, resources, log = number_floats(merge(executed, [src.stem for src in sources]))
+    for line in log:
+        print("  note:", line)
+    export_pdf(merged, out / "report.pdf", resources)
     print(f"wrote {out / 'report.pdf'} in {time.time() - began:.0f} s")
 
 
