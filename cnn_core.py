@@ -2,11 +2,9 @@
 
 For each layer the *loop* version that mirrors the equation sits next to the
 *vectorized* version that computes the same thing fast: convolution, max and
-average pooling, dense, batch normalisation, and the softmax. Read this file
-top to bottom to see every forward and backward pass of the project.
-
-1. input checks and the window helpers the spatial layers share,
-2. the layer maths, equation first, then ``*_loop`` and ``*_vectorized``.
+average pooling, dense, batch normalisation, and the softmax. Section 1 holds
+the input checks and the helpers the layers share, section 2 the layer maths,
+equation first, then ``*_loop`` and ``*_vectorized``.
 
 Conventions
 -----------
@@ -15,9 +13,8 @@ Conventions
   ``*_backward_*`` function takes ``(dout, cache)``; ``dout`` is the gradient
   of the loss with respect to ``out`` and has its shape.
 * The vectorized functions keep activations in NHWC memory order behind the
-  NCHW interface (see ``conv2d_forward_vectorized``); the results are the
-  same, only faster.
-* Only NumPy and the standard library are imported here. The layer classes
+  NCHW interface (see ``conv2d_forward_vectorized``): same results, faster.
+* Only NumPy and the standard library are imported here; the layer classes
   that wrap these functions are in ``cnn_layers.py``.
 """
 from __future__ import annotations
@@ -34,14 +31,6 @@ DEFAULT_DTYPE = np.float32
 # 1. Input checks and shared helpers
 # ---------------------------------------------------------------------------
 
-def _pair(value, name):
-    """Return ``(a, b)`` from an int or a pair of ints, all >= 0."""
-    pair = (value, value) if np.isscalar(value) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and v >= 0 for v in pair):
-        raise ValueError(f"{name} must be a non-negative int or a pair of them, got {value!r}")
-    return int(pair[0]), int(pair[1])
-
-
 def check_input(x, layer, layout=None, channels=None):
     """Raise a ``ValueError`` naming the problem unless ``x`` fits ``layout``.
 
@@ -54,8 +43,7 @@ def check_input(x, layer, layout=None, channels=None):
     if layout is None and x.ndim < min_rank:
         raise ValueError(f"{layer}: expected a batch of rank >= {min_rank}, got shape {x.shape}")
     if layout is not None and x.ndim != len(layout):
-        raise ValueError(f"{layer}: expected a {len(layout)}-D input ({layout}), "
-                         f"got shape {x.shape}")
+        raise ValueError(f"{layer}: expected a {len(layout)}-D input ({layout}), got shape {x.shape}")
     if x.shape[0] == 0:
         raise ValueError(f"{layer}: received an empty batch, shape {x.shape}")
     if not np.issubdtype(x.dtype, np.floating):
@@ -63,8 +51,7 @@ def check_input(x, layer, layout=None, channels=None):
                          "convert images first, e.g. x.astype(np.float32) / 255")
     if channels is not None and x.shape[1] != channels:
         what = "input features" if layout and layout[1] == "D" else "input channels"
-        raise ValueError(f"{layer}: expected {channels} {what} ({layout}), "
-                         f"got shape {x.shape}")
+        raise ValueError(f"{layer}: expected {channels} {what} ({layout}), got shape {x.shape}")
 
 
 def output_size(size, kernel, stride, padding):
@@ -73,38 +60,25 @@ def output_size(size, kernel, stride, padding):
 
 
 def _pad(x, padding, axes=(2, 3)):
-    """Zero-pad two spatial ``axes`` by ``padding = (ph, pw)`` on both sides."""
-    ph, pw = padding
-    if ph == pw == 0:
-        return x
-    shape, inner = list(x.shape), [slice(None)] * x.ndim
-    for axis, p in zip(axes, padding):
-        shape[axis] += 2 * p
-        inner[axis] = slice(p, p + x.shape[axis])
-    xp = np.zeros(shape, dtype=x.dtype)
-    xp[tuple(inner)] = x
-    return xp
+    """Zero-pad two spatial ``axes`` by ``padding = (ph, pw)`` on both sides (a new
+    array; a view of x when there is nothing to pad)."""
+    return _padded(x, padding, None, "", axes)
 
 
 def _offset(p, out_size, stride):
-    """Input positions i*stride + p for i = 0..out_size-1, as a slice.
-
-    Window offset (p, q) of a conv or pool with output (OH, OW) reads the
-    strided slice ``x[..., _offset(p, OH, sh), _offset(q, OW, sw)]``: looping
-    over the kh*kw offsets visits every window element with whole-array
-    operations, the same trick for convolution and pooling, forward and backward.
-    """
+    """Input positions i*stride + p for i = 0..out_size-1, as a slice. Window offset
+    (p, q) of a conv or pool with output (OH, OW) reads the strided slice
+    ``x[..., _offset(p, OH, sh), _offset(q, OW, sw)]``: looping over the kh*kw offsets
+    visits every window element with whole-array operations (conv and pooling,
+    forward and backward)."""
     return slice(p, p + stride * (out_size - 1) + 1, stride)
 
 
 def _col2im(dcols, padded_shape, stride):
-    """Add each window's gradient back to the pixels it was read from.
-
-    dcols: (N, OH, OW, kh, kw, C) -> dxp: ``padded_shape`` (N, Hp, Wp, C).
-    Offset (p, q) touches pixels (i*sh + p, j*sw + q), one strided slice, so kh*kw
-    slice additions cover everything; overlapping windows add up, as the chain
-    rule asks.
-    """
+    """Add each window's gradient back to the pixels it was read from: dcols (N, OH,
+    OW, kh, kw, C) -> dxp ``padded_shape`` (N, Hp, Wp, C). Offset (p, q) touches pixels
+    (i*sh + p, j*sw + q), one strided slice, so kh*kw slice additions cover everything;
+    overlapping windows add up, as the chain rule asks."""
     _, OH, OW, kh, kw, _ = dcols.shape
     sh, sw = stride
     dxp = np.zeros(padded_shape, dtype=dcols.dtype)
@@ -114,13 +88,11 @@ def _col2im(dcols, padded_shape, stride):
     return dxp
 
 
-# Memory layout and scratch space of the vectorized layers. They keep every
-# activation channels-last in memory, (N, H, W, C), and hand it on as an
-# (N, C, H, W) *view*: the interface stays NCHW, while inside, an activation is
-# the (N*H*W, C) matrix ``as_rows(x)`` with one row per position and a pixel's
-# C values side by side. Convolution is then one matrix product, batch norm's
-# per-channel sums are matrix-vector products, and elementwise layers, pooling
-# and padding copy contiguous runs of C values.
+# Memory layout of the vectorized layers: every activation is channels-last in
+# memory, (N, H, W, C), handed on as an (N, C, H, W) *view*. The interface stays
+# NCHW; inside, an activation is the (N*H*W, C) matrix ``as_rows(x)``, one row per
+# position, so convolution is one matrix product, batch norm's per-channel sums
+# are column sums, and pooling and padding copy contiguous runs of C values.
 
 def channels_last(x):
     """(N, C, *S) -> the same values as a contiguous (N, *S, C) array; free (a
@@ -146,22 +118,31 @@ def _from_rows(rows, like):
 
 
 def _column_sums(X):
-    """Sums of the columns of an (m, C) matrix as one matrix-vector product
-    1^T X: BLAS, several times faster than ``X.sum(axis=0)``."""
-    return np.ones(X.shape[0], dtype=X.dtype) @ X
+    """1^T X, the sums of the columns of an (m, C) matrix, in one pass."""
+    return _column_reduce("ij->j", X)
 
 
 def _column_dots(A, B):
-    """sum_i A[i, c] * B[i, c] for every column c of two (m, C) matrices: one
-    pass (einsum), no temporary array."""
-    return np.einsum("ij,ij->j", A, B)
+    """sum_i A[i, c] * B[i, c] for every column c of two (m, C) matrices, in one pass."""
+    return _column_reduce("ij,ij->j", A, B)
 
 
-def _scale_shift(X, scale, shift, out=None):
-    """out = X * scale + shift for per-column (C,) vectors, in chunks of rows that
-    stay in the L2 cache (so the second operation costs almost nothing)."""
-    out = np.empty_like(X) if out is None else out
-    Xw, ow, (scale, shift) = _widen(X), _widen(out), _tile(X, scale, shift)
+def _column_reduce(spec, *matrices, block=1024):
+    """``np.einsum(spec, *matrices)`` -> (C,) for (m, C) matrices, summed per block
+    of ``block`` rows, then across blocks: float32 rounding about ten times smaller
+    than one running sum (or BLAS's ``ones @ X``), as fast, and single-threaded (a
+    BLAS call can wait ~15 ms for its second thread on a busy machine)."""
+    m = matrices[0].shape[0] // block * block
+    blocked = spec.replace("ij", "kij").replace("->j", "->kj")
+    heads = [X[:m].reshape(-1, block, X.shape[1]) for X in matrices]
+    return np.einsum(blocked, *heads).sum(axis=0) + np.einsum(spec, *(X[m:] for X in matrices))
+
+
+def _scale_shift(X, scale, shift):
+    """X * scale + shift for per-column (C,) vectors, in chunks of rows that stay
+    in the L2 cache (so the second operation costs almost nothing)."""
+    out = np.empty_like(X)
+    Xw, ow, scale, shift = _widen((X, out), (scale, shift))
     for rows in _row_chunks(Xw):
         np.multiply(Xw[rows], scale, out=ow[rows])
         ow[rows] += shift
@@ -172,49 +153,33 @@ ROW_CHUNK_BYTES = 1 << 18
 
 
 def _row_chunks(X):
-    """Slices of the rows of the matrix X, each about ROW_CHUNK_BYTES (256 KB):
-    the operands of a chain of elementwise operations on one chunk stay in the
-    L2 cache, so only the first and last operation go to memory."""
+    """Slices of the rows of the matrix X, each about ROW_CHUNK_BYTES (256 KB): a chain
+    of elementwise operations on one chunk stays in the L2 cache."""
     step = max(1, ROW_CHUNK_BYTES // max(1, X.shape[1] * X.itemsize))
     return [slice(i, i + step) for i in range(0, X.shape[0], step)]
 
 
-def _fold(X):
-    """How many rows of an (m, C) matrix ``_widen`` puts side by side: the largest
-    power of two up to 512 / C that divides m (a row of only C values makes
-    every NumPy operation loop too briefly)."""
-    m, C = X.shape
+def _widen(matrices, vectors):
+    """(m, C) matrices as (m / r, r * C) views, r rows side by side, and per-column
+    (C,) vectors repeated r times to match: r is the largest power of two up to
+    512 / C that divides m (a row of only C values makes every NumPy operation
+    loop too briefly)."""
+    m, C = matrices[0].shape
     r = 1
     while r * 2 * C <= 512 and m % (r * 2) == 0:
         r *= 2
-    return r
-
-
-def _widen(X):
-    """The (m, C) matrix X as (m / r, r * C), r = ``_fold(X)`` (a view)."""
-    r = _fold(X)
-    return X.reshape(X.shape[0] // r, r * X.shape[1])
-
-
-def _tile(X, *vectors):
-    """Per-column (C,) vectors repeated to match ``_widen(X)``."""
-    r = _fold(X)
-    return [np.tile(v, r) for v in vectors]
+    return [X.reshape(m // r, r * C) for X in matrices] + [np.tile(v, r) for v in vectors]
 
 
 class Workspace:
     """Scratch arrays a layer reuses from one batch to the next, by name.
 
-    A large new array comes from the operating system as fresh pages that are
-    zeroed on first touch, which costs about as much as filling it once more;
-    a padded input made with np.zeros is filled twice. ``get`` hands back the
-    same array while the shape and dtype stay the same, and an array made with
-    ``zeros=True`` stays zero wherever the caller never writes: the border of a
-    padded image is written once, not every batch. ``scratch`` serves
-    temporaries whose size varies (blocks of an im2col matrix). Functions
-    called without a workspace (``work=None``) get fresh arrays. A layer's
-    cache may point into its workspace: it is valid until the layer's next
-    forward pass, which replaces the cache anyway.
+    A large new array comes as fresh pages zeroed on first touch (about one more
+    fill). ``get`` hands back the same array while shape and dtype stay the
+    same; one made with ``zeros=True`` stays zero wherever the caller never
+    writes (a padded image's border is written once, not every batch).
+    ``scratch`` serves temporaries whose size varies (im2col blocks). A layer's
+    cache may point into its workspace: valid until its next forward pass.
     """
 
     def __init__(self):
@@ -228,9 +193,8 @@ class Workspace:
         return array
 
     def scratch(self, name, shape, dtype):
-        """An array of ``shape`` for a temporary whose shape varies (the last,
-        smaller block of a loop): a view of the start of one buffer that only
-        ever grows. Its content is undefined."""
+        """An array of ``shape`` (content undefined) for a temporary whose shape varies
+        (a loop's smaller last block): a view of one buffer that only ever grows."""
         size = math.prod(shape)
         buffer = self._arrays.get(name)
         if buffer is None or buffer.size < size or buffer.dtype != np.dtype(dtype):
@@ -242,19 +206,18 @@ class Workspace:
         return sum(a.nbytes for a in self._arrays.values())
 
 
-# Large arrays are slow to stream: an elementwise operation runs about four
-# times faster when its operands fit in the core's L2 cache (2 MB here). So the
-# im2col matrix is never built whole (75 MB for CIFAR's 32-channel layer): it is
-# built and multiplied a block of rows at a time, each block about CHUNK_BYTES,
-# in one reused buffer. Measured on CIFAR's training step: 1-4 MB blocks all
-# about 20 % faster than the whole matrix; 2 MB keeps the number of BLAS calls low.
+# Operands that fit in the core's L2 cache (2 MB here) stream about four times
+# faster, so the im2col matrix (75 MB for CIFAR's 32-channel layer) is built and
+# multiplied a block of about CHUNK_BYTES at a time, in one reused buffer: 1-4 MB
+# blocks were all about 20 % faster than the whole matrix; 2 MB means fewer BLAS calls.
 CHUNK_BYTES = 1 << 21
 
 
 def _padded(x, padding, work, name, axes=(1, 2)):
     """x zero-padded by ``padding`` = (ph, pw) along its two spatial ``axes``
     (negative: cropped), as a workspace array whose border is never written
-    (so it stays zero), or x itself when there is nothing to pad."""
+    (so it stays zero; a new array for ``work=None``), or a view of x when
+    there is nothing to pad."""
     index = [slice(None)] * x.ndim
     for axis, p in zip(axes, padding):
         if p < 0:
@@ -267,7 +230,7 @@ def _padded(x, padding, work, name, axes=(1, 2)):
     for axis, p in zip(axes, (ph, pw)):
         shape[axis] += 2 * p
         inner[axis] = slice(p, p + x.shape[axis])
-    xp = work.get(f"{name}.padded{ph},{pw}", shape, x.dtype, zeros=True)
+    xp = np.zeros(shape, x.dtype) if work is None else work.get(f"{name}.padded{ph},{pw}", shape, x.dtype, True)
     xp[tuple(inner)] = x
     return xp
 
@@ -302,13 +265,11 @@ def _blocks(windows):
 
 
 def _block_cols(windows, block, work, name, channels_first=False):
-    """The im2col matrix of one block, (rows, kh*kw*C), copied into a reused buffer.
-
-    Channels-last, each row (p, q, c) is copied as kh*kw runs of C contiguous
-    values. Channels-first (the first layer: images with 1 or 3 channels), the
-    matrix is built transposed, (c, p, q) by rows: each of its kh*kw*C rows is
-    one shifted copy of a channel, runs of OW values; the product reads it
-    through a transposed view."""
+    """The im2col matrix of one block, (rows, kh*kw*C), copied into a reused buffer:
+    channels-last, each row (p, q, c) is kh*kw runs of C contiguous values.
+    Channels-first (images with 1 or 3 channels), it is built transposed, (c, p, q)
+    by rows, each one shifted copy of a channel (runs of OW values), and the
+    product reads it through a transposed view."""
     n0, n1, r0, r1 = block
     part = windows[n0:n1, r0:r1]                                   # (n, rows, OW, kh, kw, C)
     if channels_first:
@@ -323,22 +284,19 @@ def _block_cols(windows, block, work, name, channels_first=False):
 def _conv_products(windows, W_mat, out, work, name, bias=None, channels_first=False):
     """out (N, OH, OW, F) = im2col(windows) @ W_mat (+ bias), block by block."""
     F = W_mat.shape[1]
-    for block in _blocks(windows):
-        n0, n1, r0, r1 = block
+    for n0, n1, r0, r1 in _blocks(windows):
         rows = out[n0:n1, r0:r1].reshape(-1, F)                 # a view: whole images or one image's rows
-        np.matmul(_block_cols(windows, block, work, name, channels_first), W_mat, out=rows)
+        np.matmul(_block_cols(windows, (n0, n1, r0, r1), work, name, channels_first), W_mat, out=rows)
         if bias is not None:
             rows += bias
 
 
 def _conv_filter_products(windows, g, work, name, channels_first=False):
     """dW_mat (kh*kw*C, F) = im2col(windows)^T @ g, summed block by block."""
-    F = g.shape[-1]
-    dW = None
-    for block in _blocks(windows):
-        n0, n1, r0, r1 = block
-        product = _block_cols(windows, block, work, name, channels_first).T @ g[n0:n1, r0:r1].reshape(-1, F)
-        dW = product if dW is None else np.add(dW, product, out=dW)
+    dW = 0                                                      # the first block's product, then in place
+    for n0, n1, r0, r1 in _blocks(windows):
+        cols = _block_cols(windows, (n0, n1, r0, r1), work, name, channels_first)
+        dW += cols.T @ g[n0:n1, r0:r1].reshape(-1, g.shape[-1])
     return dW
 
 
@@ -353,7 +311,6 @@ def check_labels(labels, n, num_classes, where):
         raise ValueError(f"{where}: labels must lie in 0..{num_classes - 1}, "
                          f"got values from {labels.min()} to {labels.max()}")
     return labels
-
 
 
 # ---------------------------------------------------------------------------
@@ -412,10 +369,9 @@ ConvCache = namedtuple("ConvCache", "method x_shape padded W stride padding")
 
 
 def conv_method(x):
-    """How the vectorized convolution reads the windows of x (N, C, H, W):
-    "im2col" (channels-last: runs of C values) or "im2col-cf" (channels-first,
-    for an input laid out channels-first in memory, such as a batch of images
-    with 1 or 3 channels at the first layer: runs of OW values)."""
+    """How the vectorized convolution reads the windows of x (N, C, H, W): "im2col"
+    (channels-last: runs of C values) or "im2col-cf" (x channels-first in memory,
+    such as a batch of images with 1 or 3 channels: runs of OW values)."""
     return "im2col-cf" if x.shape[1] == 1 or abs(x.strides[1]) > abs(x.strides[-1]) else "im2col"
 
 
@@ -474,8 +430,8 @@ def conv2d_backward_vectorized(dout, cache, input_grad=True, work=None):
         _conv_products(_windows(gp, (kh, kw), (1, 1)), _filter_matrix(W_flip), dx, work, "dout")
         return channels_first(dx), dW, db
     W_mat = W.transpose(0, 2, 3, 1).reshape(F, kh * kw * C)
-    padded_shape = (N, H + 2 * ph, W_in + 2 * pw, C)
-    dxp = _col2im((g.reshape(-1, F) @ W_mat).reshape(N, OH, OW, kh, kw, C), padded_shape, (sh, sw))
+    dcols = (g.reshape(-1, F) @ W_mat).reshape(N, OH, OW, kh, kw, C)
+    dxp = _col2im(dcols, (N, H + 2 * ph, W_in + 2 * pw, C), (sh, sw))
     return channels_first(np.ascontiguousarray(dxp[:, ph:ph + H, pw:pw + W_in])), dW, db
 
 
@@ -584,10 +540,9 @@ def avgpool_forward_vectorized(x, pool=(2, 2), stride=(2, 2)):
     """Sum of the ph*pw offset slices, divided by ph*pw."""
     (ph, pw), (sh, sw) = pool, stride
     OH, OW = output_size(x.shape[2], ph, sh, 0), output_size(x.shape[3], pw, sw, 0)
-    out = np.zeros(x.shape[:2] + (OH, OW), dtype=x.dtype)
-    for p in range(ph):
-        for q in range(pw):
-            out += x[:, :, _offset(p, OH, sh), _offset(q, OW, sw)]
+    out = x[:, :, _offset(0, OH, sh), _offset(0, OW, sw)].copy(order="K")   # keep x's memory order
+    for k in range(1, ph * pw):
+        out += x[:, :, _offset(k // pw, OH, sh), _offset(k % pw, OW, sw)]
     out /= ph * pw
     return out, (x, pool, stride)
 
@@ -598,9 +553,8 @@ def avgpool_backward_vectorized(dout, cache):
     OH, OW = dout.shape[2:]
     share = dout / (ph * pw)
     dx = np.zeros_like(x)
-    for p in range(ph):
-        for q in range(pw):
-            dx[:, :, _offset(p, OH, sh), _offset(q, OW, sw)] += share
+    for k in range(ph * pw):
+        dx[:, :, _offset(k // pw, OH, sh), _offset(k % pw, OW, sw)] += share
     return dx
 
 
@@ -648,8 +602,7 @@ def dense_backward_vectorized(dout, cache, input_grad=True):
 #   dbeta_c = sum(g_c),  dgamma_c = sum(g_c * xhat_c),
 #   dx = gamma_c / sqrt(var_c + eps) * (g - dbeta_c / m - xhat * dgamma_c / m)
 
-# What the batch-norm backward needs; ``mean`` and ``var`` are the batch statistics the
-# layer also folds into its running averages.
+# ``mean`` and ``var``: the batch statistics the layer also folds into its running averages.
 BatchNormCache = namedtuple("BatchNormCache", "xhat gamma mean var eps")
 
 
@@ -683,16 +636,15 @@ def batchnorm_backward_loop(dout, cache, input_grad=True):
 # correction when ``rows`` holds x already centred on an estimate of the mean).
 BatchNormRowsCache = namedtuple("BatchNormRowsCache", "rows center gamma mean var inv_std")
 
-# One-pass variance E[x^2] - mean^2 loses digits when |mean| >> std; beyond this
-# ratio of mean^2 to variance (about 3 of float32's 7 digits lost) it is recomputed
-# from the centred values.
+# One-pass variance E[x^2] - mean^2 loses digits when |mean| >> std; beyond this ratio
+# of mean^2 to variance (3 of float32's 7 digits lost) it is recomputed from centred values.
 _CANCELLATION = 1e3
 
 
 def batchnorm_forward_vectorized(x, gamma, beta, eps=1e-5):
-    """Statistics in one pass over X = ``as_rows(x)`` (m, C): the sums are the
-    matrix-vector product 1^T X, the sums of squares one einsum (no temporary
-    array), var = E[x^2] - mean^2; then y = X * scale + shift with scale =
+    """Statistics in one pass over X = ``as_rows(x)`` (m, C) each: the column sums
+    1^T X and the sums of squares (no temporary array), var = E[x^2] - mean^2;
+    then y = X * scale + shift with scale =
     gamma / std and shift = beta - mean * scale, two passes. The cache keeps x
     itself, not xhat (no extra array)."""
     X = as_rows(x)
@@ -727,7 +679,7 @@ def batchnorm_backward_vectorized(dout, cache, input_grad=True):
     a = gamma * inv_std
     b = -a * inv_std * dgamma / m
     dx = np.empty_like(G)
-    Gw, Xw, dxw, (a, b, c) = _widen(G), _widen(X), _widen(dx), _tile(G, a, b, -a * dbeta / m - b * center)
+    Gw, Xw, dxw, a, b, c = _widen((G, X, dx), (a, b, -a * dbeta / m - b * center))
     chunks = _row_chunks(Gw)
     t = np.empty_like(Gw[chunks[0]])
     for rows in chunks:                               # each chunk's four operations stay in the cache

@@ -12,7 +12,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from cnn_core import (DEFAULT_DTYPE, Workspace, _from_rows, _pair, _scale_shift, as_rows, avgpool_backward_loop,
+from cnn_core import (DEFAULT_DTYPE, Workspace, _from_rows, _scale_shift, as_rows, avgpool_backward_loop,
                       avgpool_backward_vectorized, avgpool_forward_loop, avgpool_forward_vectorized,
                       batchnorm_backward_loop, batchnorm_backward_vectorized, batchnorm_forward_loop,
                       batchnorm_forward_vectorized, check_input, check_labels, conv2d_backward_loop,
@@ -22,6 +22,14 @@ from cnn_core import (DEFAULT_DTYPE, Workspace, _from_rows, _pair, _scale_shift,
                       maxpool_forward_loop, maxpool_forward_vectorized)
 
 LAYER_TYPES = {}          # class name -> class, so that a saved model can be rebuilt
+
+
+def _pair(value, name):
+    """Return ``(a, b)`` from an int or a pair of ints, all >= 0."""
+    pair = (value, value) if np.isscalar(value) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and v >= 0 for v in pair):
+        raise ValueError(f"{name} must be a non-negative int or a pair of them, got {value!r}")
+    return int(pair[0]), int(pair[1])
 
 
 class Layer:

@@ -86,3 +86,20 @@ def format_report(report, digits=4):
                      f"{r['f1']:>10.{digits}f} {total:>8d}")
     lines.append(f"{'accuracy':<{w}} {report['accuracy']:>32.{digits}f} {total:>8d}")
     return "\n".join(lines)
+
+
+def top_confusions(confusion, class_names, k=5):
+    """The k largest off-diagonal counts of a (K, K) confusion matrix (row = true
+    class): a list of (true name, predicted name, count, share of the true
+    class's examples), largest first; ties in row-major order."""
+    cm = np.asarray(confusion)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or len(class_names) != len(cm):
+        raise ValueError(f"top_confusions: need a square confusion matrix and one name per class, got "
+                         f"shape {cm.shape} and {len(class_names)} names")
+    off = cm.astype(float).copy()
+    np.fill_diagonal(off, -1)
+    order = np.argsort(-off, axis=None, kind="stable")[:k]
+    support = cm.sum(axis=1)
+    return [(class_names[i], class_names[j], int(cm[i, j]), float(cm[i, j] / max(support[i], 1)))
+            for i, j in zip(*np.unravel_index(order, cm.shape)) if i != j and cm[i, j] > 0]
+

@@ -522,22 +522,22 @@ def plot_explanations(x, saliency, drops, titles, patch=None, path=None, title=N
     if x.ndim != 4 or saliency.shape != x.shape or len(drops) != n or len(titles) != n:
         raise ValueError(f"plot_explanations: need N images (N, C, H, W), saliency of the same shape, N maps "
                          f"and N titles, got {x.shape}, {saliency.shape}, {len(drops)}, {len(titles)}")
-    fig, axes = plt.subplots(3, n, figsize=(1.25 * n + 0.9, 4.3), squeeze=False)
+    fig, axes = plt.subplots(3, n, figsize=(0.95 * n + 0.8, 3.6), squeeze=False)
     H, W = x.shape[2:]
     for k in range(n):
         axes[0, k].imshow(_to_display(x[k]), cmap="gray", vmin=0, vmax=1)
-        axes[0, k].set_title(titles[k], fontsize=7)
+        axes[0, k].set_title(titles[k], fontsize=9)
         axes[1, k].imshow(np.abs(saliency[k]).max(axis=0), cmap="magma")
         drop = np.asarray(drops[k], dtype=float)
         m = np.abs(drop).max() or 1.0
         axes[2, k].imshow(drop, cmap="RdBu_r", vmin=-m, vmax=m, extent=(0, W, H, 0))
         axes[2, k].text(0.5, -0.04, f"max {drop.max():+.2f}", transform=axes[2, k].transAxes,
-                        ha="center", va="top", fontsize=6)
+                        ha="center", va="top", fontsize=8)
     for ax in axes.flat:
         ax.set(xticks=[], yticks=[])
         ax.grid(False)
-    axes[1, 0].set_ylabel("|saliency|", fontsize=8)
-    axes[2, 0].set_ylabel("occlusion drop" + (f"\n({patch}x{patch} patch)" if patch else ""), fontsize=8)
+    axes[1, 0].set_ylabel("|saliency|", fontsize=9)
+    axes[2, 0].set_ylabel("occlusion\ndrop" + (f" ({patch}x{patch})" if patch else ""), fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -368,13 +368,42 @@ def study_table(study, baseline, metric="val_acc", label="validation accuracy"):
         rows.append([name, f"{runs[0].params:,}", f"{np.median([r.seconds for r in runs]):.1f}",
                      f"{mean:.2%} ± {std:.2%}", "baseline" if name == baseline else f"{diff * 100:+.2f}",
                      "" if name == baseline else (verdict if verdict == "n/a" else f"{verdict} (t = {t:.1f})")])
-    return markdown_table(["variant", "parameters", "s / epoch", f"{label} ({len(base)} seeds)",
+    seeds = f"{len(base)} seed{'s' if len(base) > 1 else ''}"
+    return markdown_table(["variant", "parameters", "s / epoch", f"{label} ({seeds})",
                            "difference (points)", "beyond seed noise?"], rows)
 
 
 def study_curves(study):
     """{variant: (seeds, epochs) array of validation curves} for ``cnn_plots.plot_val_curves``."""
     return {name: np.array([r.curve for r in runs]) for name, runs in study.items()}
+
+
+def recipe_ablation(train_or_load, recipe, data, removed, seeds, tta="flip", **settings):
+    """Remove one technique of a recipe at a time, with every seed:
+    {variant: [Result per seed]}, each Result's ``accuracy`` the validation
+    accuracy with test-time augmentation ``tta``.
+
+    recipe(x_train, seed, **settings) -> (model, optimizer, fit_kwargs), e.g.
+    ``cnn_recipes.cifar_recipe``; removed: {variant: the settings that remove a
+    technique}, the first variant the full recipe ({}); ``settings`` are shared
+    (a short schedule). train_or_load(name, model, data, optimizer, **kwargs)
+    -> (model, history) trains or reuses a run. A "no <tta> TTA" variant scores
+    the full recipe's own models without test-time augmentation (no training).
+    """
+    study, plain = {}, []
+    for index, (name, change) in enumerate(removed.items()):
+        study[name] = []
+        for seed in seeds:
+            model, optimizer, kwargs = recipe(data.x_train, seed, **settings, **change)
+            model, history = train_or_load(f"ablation_{name}_seed{seed}", model, data, optimizer, **kwargs)
+            result = model_result(name, model, history)
+            result.accuracy = T.evaluate(model, data.x_val, data.y_val, batch_size=500, tta=tta)[1]
+            study[name].append(result)
+            if index == 0 and tta:
+                plain.append(dataclasses.replace(result, name=f"no {tta} TTA", accuracy=result.val_acc))
+    if plain:           # the validation after the last epoch is the plain forward pass of the same weights
+        study = {**dict(list(study.items())[:1]), plain[0].name: plain, **dict(list(study.items())[1:])}
+    return study
 
 
 def task_record(task_id, dataset, model, parameters, seeds, test_accuracy, epochs, train_seconds, **extra):

@@ -323,7 +323,8 @@ def test_vectorized_layers_hand_on_channels_last_memory():
         assert np.moveaxis(g, 1, -1).flags.c_contiguous and g.dtype == np.float32, layer
 
 
-@pytest.mark.parametrize("shape", [(6, 3), (4, 3, 5), (3, 3, 4, 5), (1, 3, 3, 1), (16, 3, 8)])
+@pytest.mark.parametrize("shape", [(6, 3), (4, 3, 5), (3, 3, 4, 5), (1, 3, 3, 1), (16, 3, 8),
+                                   (2, 3, 23, 25)])                 # 1150 rows: one block of 1024 and the rest
 @pytest.mark.parametrize("layout", ["channels-first", "channels-last"])
 @pytest.mark.parametrize("chunk", [C.ROW_CHUNK_BYTES, 40])      # 40 bytes: many chunks of rows
 def test_batchnorm_one_pass_statistics_match_the_loop_in_any_layout(shape, layout, chunk, monkeypatch):
@@ -341,6 +342,28 @@ def test_batchnorm_one_pass_statistics_match_the_loop_in_any_layout(shape, layou
     np.testing.assert_allclose(vec.buffers["running_var"], loop.buffers["running_var"], rtol=1e-10)
 
 
+@pytest.mark.parametrize("m", [1, 5, 1023, 1024, 1025, 3 * 1024 + 7])
+@pytest.mark.parametrize("dtype", [F64, np.float32])
+def test_column_sums_and_dots_in_blocks_match_the_definition(m, dtype):
+    # blocks of 1024 rows, then the rest: no row counted twice or missed, at any m, in any dtype
+    rng = np.random.default_rng(37)
+    A, B = (rng.standard_normal((m, 3)).astype(dtype) for _ in range(2))
+    tol = 1e-12 if dtype == F64 else 1e-5
+    assert C._column_sums(A).dtype == C._column_dots(A, B).dtype == dtype
+    np.testing.assert_allclose(C._column_sums(A), A.astype(F64).sum(axis=0), rtol=tol, atol=tol * m)
+    np.testing.assert_allclose(C._column_dots(A, B), (A.astype(F64) * B).sum(axis=0), rtol=tol, atol=tol * m)
+    np.testing.assert_allclose(C._column_sums(A[::2]), A[::2].astype(F64).sum(axis=0), rtol=tol, atol=tol * m)
+
+
+def test_float32_column_sums_round_less_than_one_running_sum():
+    # 2**16 rows with mean 3: a running float32 sum (or BLAS's ones @ X) is off by a few 1e-6;
+    # summing blocks of 1024 rows, then the blocks, keeps the relative error below 1e-6
+    X = (np.random.default_rng(38).standard_normal((1 << 16, 4)) + 3).astype(np.float32)
+    X64 = X.astype(F64)
+    assert np.max(np.abs(C._column_sums(X) / X64.sum(axis=0) - 1)) < 1e-6
+    assert np.max(np.abs(C._column_dots(X, X) / (X64 * X64).sum(axis=0) - 1)) < 1e-6
+
+
 def test_batchnorm_float32_keeps_its_digits_when_the_mean_dwarfs_the_spread():
     # E[x^2] - mean^2 alone would lose every digit of the variance here (mean 1e4, std 1 in
     # float32); the vectorized forward notices and recomputes from centred values.
@@ -356,6 +379,23 @@ def test_batchnorm_float32_keeps_its_digits_when_the_mean_dwarfs_the_spread():
     np.testing.assert_allclose(out, ref, atol=2e-3)
     np.testing.assert_allclose(dx, dref[0], atol=2e-3 * np.abs(dref[0]).max())
     np.testing.assert_allclose(layer.grads["gamma"], dref[1], rtol=1e-3, atol=1e-2)
+
+
+def test_average_pooling_keeps_channels_last_memory_and_the_loop_values():
+    x = np.random.default_rng(39).standard_normal((2, 3, 7, 6))
+    for pool, stride in ((2, None), ((3, 2), (2, 1)), (1, 1)):
+        loop, vec = L.AvgPool2D(pool, stride, impl="loop"), L.AvgPool2D(pool, stride)
+        out = vec.forward(channels_last_view(x))
+        assert np.moveaxis(out, 1, -1).flags.c_contiguous
+        np.testing.assert_allclose(out, loop.forward(x), rtol=1e-12)
+
+
+def test_pad_adds_a_zero_border_or_returns_x_itself():
+    x = np.random.default_rng(40).standard_normal((2, 3, 4, 5))
+    np.testing.assert_array_equal(C._pad(x, (1, 2)), np.pad(x, ((0, 0), (0, 0), (1, 1), (2, 2))))
+    np.testing.assert_array_equal(C._pad(x, (2, 0), axes=(1, 3)), np.pad(x, ((0, 0), (2, 2), (0, 0), (0, 0))))
+    no_pad = C._pad(x, (0, 0))
+    assert np.shares_memory(no_pad, x) and np.array_equal(no_pad, x)      # no copy
 
 
 def test_a_float32_training_step_makes_no_float64():

@@ -57,3 +57,12 @@ def test_classification_report_of_nothing_is_an_error_not_nan(kwargs):
     for empty in ([], np.array([], dtype=np.int64)):
         with pytest.raises(ValueError, match="y_true and y_pred are empty"):
             E.classification_report(empty, empty, **kwargs)
+
+
+def test_top_confusions_lists_the_largest_mistakes_first():
+    cm = np.array([[50, 3, 0], [7, 40, 1], [0, 3, 20]])
+    assert E.top_confusions(cm, ["a", "b", "c"], k=3) == [("b", "a", 7, 7 / 48), ("a", "b", 3, 3 / 53),
+                                                          ("c", "b", 3, 3 / 23)]
+    assert E.top_confusions(np.eye(2, dtype=int), ["x", "y"]) == []          # no mistakes, nothing listed
+    with pytest.raises(ValueError, match="square confusion matrix"):
+        E.top_confusions(cm[:2], ["a", "b", "c"])

@@ -430,3 +430,24 @@ def test_loop_vs_vectorized_compares_every_dual_layer():
         "Conv2D 1->2 3x3 pad 1", "ReLU", "MaxPool2D 2x2", "Dense 8->3"]
     assert all(float(line.split(" | ")[1]) < 1e-5 for line in lines[2:])
     assert all(layer.impl == "vectorized" for layer in model.layers if hasattr(layer, "impl"))
+
+
+def test_recipe_ablation_trains_each_variant_per_seed_and_rescored_without_tta(tmp_path):
+    import cnn_recipes as Q
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (20, 3, 8, 8), dtype=np.uint8)
+    y = rng.integers(0, 3, 20)
+    data = D.Dataset(x[:12], y[:12], x[12:], y[12:], x[12:], y[12:], ["a", "b", "c"])
+    trained = []
+
+    def train_or_load(name, model, data, optimizer, **kwargs):
+        trained.append(name)
+        return R.train_or_load(tmp_path, name, model, data, optimizer, **kwargs)
+
+    study = R.recipe_ablation(train_or_load, Q.cifar_recipe, data, {"recipe": {}, "no smoothing": {"label_smoothing": 0.0}},
+                              seeds=[0, 1], epochs=1, batch_size=4, widths=(4,), whiten_images=12)
+    assert list(study) == ["recipe", "no flip TTA", "no smoothing"]
+    assert trained == ["ablation_recipe_seed0", "ablation_recipe_seed1", "ablation_no smoothing_seed0",
+                       "ablation_no smoothing_seed1"]
+    assert [r.accuracy for r in study["no flip TTA"]] == [r.val_acc for r in study["recipe"]]
+    assert all(0 <= r.accuracy <= 1 for runs in study.values() for r in runs)

@@ -114,9 +114,11 @@ def _to_latex(markdown):
 def _short(caption_latex):
     """The caption's first sentence, for the list of figures/tables (all of it when
     cutting would leave a bracket or brace open)."""
-    first = re.split(r"(?<=\.)\s", caption_latex, maxsplit=1)[0].rstrip(".")
-    balanced = all(first.count(a) == first.count(b) for a, b in ("()", "{}", "[]"))
-    return first if balanced else caption_latex.rstrip(".")
+    for cut in [m.start() for m in re.finditer(r"[.:;](?=\s)", caption_latex)] + [len(caption_latex)]:
+        first = caption_latex[:cut].rstrip(".")
+        if all(first.count(a) == first.count(b) for a, b in ("()", "{}", "[]")):
+            return first
+    return caption_latex.rstrip(".")
 
 
 def _caption_command(caption, label, kind):
