@@ -74,3 +74,14 @@ def test_the_data_modules_import_tqdm_and_pillow_only_lazily(module):
     assert not imported_modules(source, module_level_only=True) - ALLOWED - project
     assert not imported_modules(source) - ALLOWED - project - {"tqdm", "PIL"}
     assert imported_modules("import numpy\ndef f():\n    import PIL", module_level_only=True) == {"numpy"}
+
+
+def test_the_readme_quotes_report_json():
+    """The README's results table is report.json's (R.tasks_table), nothing typed by hand."""
+    report = ROOT / "report.json"
+    if not report.exists():
+        pytest.skip("no report.json yet: run make report")
+    import cnn_report as R
+    table = str(R.tasks_table(json.loads(report.read_text())))
+    assert table in (ROOT / "README.md").read_text(), "README.md's results table differs from report.json: " \
+        "paste the table printed by tools/build_report.py"
