@@ -166,6 +166,17 @@ def table(markdown, caption, label=None):
     _display(_caption_line("table", caption), metadata={FLOAT_KEY: {"caption_text": True}})
 
 
+def confusion_pairs_table(confusions, k=5):
+    """A Markdown table of the k most frequent mistakes of each model:
+    confusions = {model name: (confusion matrix (K, K), class names)}; a row per
+    (true class -> predicted class) with its count and its share of the true
+    class's test images (``cnn_metrics.top_confusions``)."""
+    rows = [[name, f"{true} → {predicted}", count, f"{share:.1%}"]
+            for name, (cm, names) in confusions.items()
+            for true, predicted, count, share in E.top_confusions(cm, names, k)]
+    return markdown_table(["model", "true → predicted", "test images", "share of the true class"], rows)
+
+
 def classification_table(report, digits=4):
     """The per-class precision, recall, F1 and support of a
     ``cnn_metrics.classification_report`` as a Markdown table, with the macro
@@ -521,63 +532,35 @@ def _get(record, *keys):
     return record
 
 
-def _percent(fraction):
-    return f"{fraction * 100:.0f} %"
+def benchmark_summary(json_path, script=BENCH_SCRIPT):
+    """(sentence, Markdown table) of a results file of ``benchmarks/bench.py``:
+    what ``bench.py --markdown`` prints (the README's speed table, one row per
+    network), split into the sentence naming the run and kernel and the table."""
+    command = [sys.executable, str(script), "--markdown", "--json", str(json_path)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed (exit status {done.returncode}):\n"
+                           + "\n".join((done.stderr or done.stdout).splitlines()[-20:]))
+    sentence, _, table = done.stdout.strip().partition("\n\n")
+    return MarkdownText(sentence), MarkdownText(table)
 
 
-def benchmark_text(bench):
-    """A paragraph (Markdown) with the GEMM ceiling, training and inference speed
-    and the full-epoch time and memory: each part only when the JSON has it."""
-    cores, gemm, n = _get(bench, "machine", "cpu_count"), _get(bench, "gemm", "gflops"), _get(bench, "gemm", "n")
-    sentences = []
-    if gemm is not None:
-        sentences.append(f"On this machine{f' ({cores} cores)' if cores else ''} a {n or 2048}³ float32 matrix "
-                         f"product runs at **{gemm:.0f} GFLOP/s**.")
-    clauses = []
-    tr = _get(bench, "training") or {}
-    if tr.get("images_per_s") is not None:
-        text = f"Training the default network at batch {tr.get('batch', 64)} reaches **{tr['images_per_s']:,.0f} images/s"
-        if tr.get("gflops") is not None and tr.get("fraction_of_gemm") is not None:
-            text += f" = {tr['gflops']:.0f} GFLOP/s, {tr['fraction_of_gemm']:.0%} of that ceiling"
-        text += "**"
-        target = _get(bench, "targets", "training_fraction_of_gemm")
-        clauses.append(text + (f" (target {_percent(target)})" if target is not None else ""))
-    inf = _get(bench, "inference") or {}
-    if inf.get("images_per_s") is not None:
-        text = f"inference {inf['images_per_s']:,.0f} images/s"
-        if inf.get("fraction_of_gemm") is not None:
-            text += f" = {inf['fraction_of_gemm']:.0%}"
-        target = _get(bench, "targets", "inference_fraction_of_gemm")
-        clauses.append(text + (f" (target {_percent(target)})" if target is not None else ""))
-    if clauses:
-        sentence = "; ".join(clauses) + "."
-        sentences.append(sentence[0].upper() + sentence[1:])
-    epoch = _get(bench, "epoch") or {}
-    if epoch.get("seconds") is not None:
-        text = f"A full {epoch.get('images', 60_000):,}-image training epoch takes **{epoch['seconds']:.1f} s**"
-        if epoch.get("peak_rss_mb") is not None:
-            text += f" with a peak resident memory of {epoch['peak_rss_mb']:.0f} MB"
-        sentences.append(text + ".")
-    return MarkdownText(" ".join(sentences) or "The benchmark's results hold none of the expected measurements.")
+def benchmark_layer_table(bench, network):
+    """A Markdown table of one network's per-layer times in a benchmark results
+    dict (``bench["networks"][network]["layers"]``): forward and backward
+    milliseconds at batch 64 and the GFLOP/s they reach, beside (in brackets)
+    those of a plain GEMM of the layer's own shape; layers without matrix
+    products show times only."""
+    net = _get(bench, "networks", network)
+    if net is None:
+        raise ValueError(f"benchmark_layer_table: no network {network!r} in the results "
+                         f"(have {sorted(_get(bench, 'networks') or {})})")
 
+    def rate(value, gemm):
+        return "" if not value else f"{value:.0f}" + (f" ({gemm:.0f})" if gemm else "")
 
-def benchmark_layer_table(bench):
-    """A Markdown table of the benchmark's per-layer times: loop and vectorized
-    forward + backward milliseconds, the speed-up, and the GFLOP/s of the
-    vectorized products; a cell stays empty when the JSON lacks its numbers."""
-    def total_ms(r, *keys):
-        times = [r.get(k) for k in keys]
-        return None if None in times else sum(times) * 1e3
+    rows = [[r["name"], f"{r['fwd_s'] * 1e3:.2f}", rate(r.get("fwd_gflops"), (r.get("gemm_gflops") or {}).get("fwd")),
+             f"{r['bwd_s'] * 1e3:.2f}" if r.get("bwd_s") else "", rate(r.get("bwd_gflops"), r.get("gemm_bwd_gflops"))]
+            for r in net["layers"]]
+    return markdown_table(["layer", "forward ms", "GFLOP/s (GEMM)", "backward ms", "GFLOP/s (GEMM)"], rows)
 
-    rows = []
-    for r in _get(bench, "layers") or []:
-        loop = total_ms(r, "loop_fwd_s", "loop_bwd_s") if r.get("has_loop") else None
-        vectorized = total_ms(r, "vec_fwd_s", "vec_bwd_s")
-        speedup = r.get("speedup_total") if r.get("has_loop") else None
-        gflops = ""
-        if r.get("fwd_macs") and r.get("vec_fwd_s") and r.get("bwd_macs") is not None and r.get("vec_bwd_s"):
-            gflops = f"{2 * r['fwd_macs'] / r['vec_fwd_s'] / 1e9:.0f} / {2 * r['bwd_macs'] / r['vec_bwd_s'] / 1e9:.0f}"
-        rows.append([r.get("name", "?"), "" if loop is None else f"{loop:,.0f}",
-                     "" if vectorized is None else f"{vectorized:.2f}",
-                     "" if speedup is None else f"{speedup:,.0f}x", gflops])
-    return markdown_table(["layer", "loop ms", "vectorized ms", "speed-up", "GFLOP/s (fwd / bwd)"], rows)

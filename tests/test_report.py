@@ -176,50 +176,39 @@ def test_run_benchmark_failure_shows_the_error(tmp_path):
 
 
 BENCH = {
-    "machine": {"cpu_count": 2}, "gemm": {"n": 2048, "gflops": 261.6},
-    "targets": {"training_fraction_of_gemm": 0.25, "inference_fraction_of_gemm": 0.3},
-    "training": {"batch": 64, "images_per_s": 3205.4, "gflops": 80.1, "fraction_of_gemm": 0.306},
-    "inference": {"images_per_s": 10009.2, "fraction_of_gemm": 0.325},
-    "epoch": {"images": 60000, "seconds": 19.33, "peak_rss_mb": 345.2},
-    "layers": [
-        {"name": "0 Conv2D 1->32 3x3 pad 1", "fwd_macs": 14450688, "bwd_macs": 28901376, "vec_fwd_s": 0.00118,
-         "vec_bwd_s": 0.0017, "has_loop": True, "loop_fwd_s": 4.46, "loop_bwd_s": 5.82, "speedup_total": 3575.4},
-        {"name": "1 ReLU", "fwd_macs": 0, "bwd_macs": 0, "vec_fwd_s": 0.0004, "vec_bwd_s": 0.0005, "has_loop": False},
-    ],
+    "mode": "full", "timestamp": "2026-11-25T22:20:00+00:00", "gemm": {"n": 2048, "gflops": 300.0},
+    "machine": {"openblas": {"corename": "SkylakeX", "threads": 2}, "blas_env": {}},
+    "networks": {"net": {
+        "training": {"median_s": 0.02, "images_per_s": 3200.0, "gflops": 60.0, "fraction_of_gemm": 0.2, "target": 0.3},
+        "inference": {"images_per_s": 9000.0, "gflops": 70.0, "fraction_of_gemm": 0.233},
+        "epoch": {"images": 55000, "seconds": 20.5, "peak_rss_mb": 400.0},
+        "layers": [
+            {"name": "0 Conv2D 1->32 3x3 pad 1", "fwd_s": 0.0014, "bwd_s": 0.0013, "fwd_gflops": 20.4,
+             "bwd_gflops": 23.0, "gemm_gflops": {"fwd": 70.4, "dW": 40.4}, "gemm_bwd_gflops": 40.4},
+            {"name": "1 ReLU", "fwd_s": 0.0006, "bwd_s": 0.0014, "fwd_gflops": None, "bwd_gflops": None}]}},
 }
 
 
-def old_notebook_text(b):
-    """The summary notebook's paragraph as it was written before cnn_report (the reference)."""
-    tr, inf, ep = b["training"], b["inference"], b["epoch"]
-    text = (f"On this machine ({b['machine']['cpu_count']} cores) a 2048³ float32 matrix product runs at "
-            f"**{b['gemm']['gflops']:.0f} GFLOP/s**. Training the default network at batch 64 reaches "
-            f"**{tr['images_per_s']:,.0f} images/s = {tr['gflops']:.0f} GFLOP/s, {tr['fraction_of_gemm']:.0%} of that ceiling** "
-            f"(target 25 %); inference {inf['images_per_s']:,.0f} images/s = {inf['fraction_of_gemm']:.0%} (target 30 %).")
-    if ep:
-        text += (f" A full 60,000-image training epoch takes **{ep['seconds']:.1f} s** with a peak resident "
-                 f"memory of {ep['peak_rss_mb']:.0f} MB.")
-    return text
-
-
-def test_benchmark_text_matches_the_summary_notebook_and_skips_what_is_missing():
-    assert R.benchmark_text(BENCH) == old_notebook_text(BENCH)
-    quick = dict(BENCH, epoch=None)
-    assert R.benchmark_text(quick) == old_notebook_text(quick)
-    partial = {"gemm": {"gflops": 100.0}, "inference": {"images_per_s": 5000.0}, "new_section": {"x": 1}}
-    assert R.benchmark_text(partial) == ("On this machine a 2048³ float32 matrix product runs at **100 GFLOP/s**. "
-                                         "Inference 5,000 images/s.")
-    assert "none of the expected" in R.benchmark_text({})
+def test_benchmark_summary_is_bench_py_markdown_split_in_two(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(BENCH))
+    sentence, table = R.benchmark_summary(path)
+    assert sentence.startswith("Measured 2026-11-25 (full run), kernel: OpenBLAS core SkylakeX, 2 threads")
+    lines = table.splitlines()
+    assert lines[0].startswith("| network |") and lines[2].startswith("| net | 20.0 ms = 3,200 img/s")
+    assert "**20.0%** (30%)" in lines[2] and "55,000 images: 20.5 s, peak 400 MB" in lines[2]
+    path.write_text("{}")
+    with pytest.raises(RuntimeError, match="--markdown"):
+        R.benchmark_summary(path)
 
 
 def test_benchmark_layer_table_rows_and_missing_numbers():
-    lines = R.benchmark_layer_table(BENCH).splitlines()
-    assert lines[0] == "| layer | loop ms | vectorized ms | speed-up | GFLOP/s (fwd / bwd) |"
-    assert lines[2] == "| 0 Conv2D 1->32 3x3 pad 1 | 10,280 | 2.88 | 3,575x | 24 / 34 |"
-    assert lines[3] == "| 1 ReLU |  | 0.90 |  |  |"
-    lines = R.benchmark_layer_table({"layers": [{"name": "conv", "has_loop": True, "vec_fwd_s": 0.001}]}).splitlines()
-    assert lines[2] == "| conv |  |  |  |  |"
-    assert len(R.benchmark_layer_table({}).splitlines()) == 2
+    lines = R.benchmark_layer_table(BENCH, "net").splitlines()
+    assert lines[0] == "| layer | forward ms | GFLOP/s (GEMM) | backward ms | GFLOP/s (GEMM) |"
+    assert lines[2] == "| 0 Conv2D 1->32 3x3 pad 1 | 1.40 | 20 (70) | 1.30 | 23 (40) |"
+    assert lines[3] == "| 1 ReLU | 0.60 |  | 1.40 |  |"
+    with pytest.raises(ValueError, match="no network 'cifar'"):
+        R.benchmark_layer_table(BENCH, "cifar")
 
 
 # ---------------------------------------------------------------------------
@@ -451,3 +440,10 @@ def test_recipe_ablation_trains_each_variant_per_seed_and_rescored_without_tta(t
                        "ablation_no smoothing_seed1"]
     assert [r.accuracy for r in study["no flip TTA"]] == [r.val_acc for r in study["recipe"]]
     assert all(0 <= r.accuracy <= 1 for runs in study.values() for r in runs)
+
+
+def test_confusion_pairs_table_lists_each_models_top_mistakes():
+    cm = np.array([[50, 3, 0], [7, 40, 1], [0, 3, 20]])
+    lines = R.confusion_pairs_table({"m": (cm, ["a", "b", "c"]), "n": (np.eye(2, dtype=int), ["x", "y"])}, k=2).splitlines()
+    assert lines[0] == "| model | true → predicted | test images | share of the true class |"
+    assert lines[2:] == ["| m | b → a | 7 | 14.6% |", "| m | a → b | 3 | 5.7% |"]
