@@ -14,6 +14,8 @@ dropout). What each setting does: notebooks 1 and 4; what removing it costs: not
 """
 from __future__ import annotations
 
+import numpy as np
+
 from cnn_model import cifar_net, mnist_net_v2
 from cnn_train import SGD, Adam, augmentation, cosine_schedule, warmup_linear_schedule
 
@@ -77,14 +79,17 @@ def mnist_recipe(seed=0, **changes):
 
 
 def cifar_recipe(x_train, seed=0, **changes):
-    """``M.cifar_net`` (airbench-like: a frozen 2x2 whitening stem computed from the
-    first ``whiten_images`` of x_train (N, 3, H, W), then 3 blocks of widths
+    """``M.cifar_net`` (airbench-like: a frozen 2x2 whitening stem computed from
+    ``whiten_images`` images drawn at random (seeded) from x_train (N, 3, H, W), then 3 blocks of widths
     ``widths``) trained like the MNIST recipe, with label smoothing 0.2, random
     shifts and flips; evaluate with ``tta="flip"``. Values: ``CIFAR_RECIPE``;
     for an ablation ``whiten_images=0`` trains the stem from a random start,
     ``ema=0`` keeps no average, ``shift=0, flip=False`` turns augmentation off."""
     r = _settings("cifar_recipe", CIFAR_RECIPE, changes)
-    whiten = x_train[:r["whiten_images"]] if r["whiten_images"] else None
+    whiten = None
+    if r["whiten_images"]:      # a random sample: a data set may be stored sorted by class
+        pick = np.random.default_rng(seed).choice(len(x_train), min(r["whiten_images"], len(x_train)), replace=False)
+        whiten = x_train[np.sort(pick)]
     model = cifar_net(widths=r["widths"], whiten=whiten, seed=seed, input_size=x_train.shape[-1],
                       in_channels=x_train.shape[1])
     kwargs = dict(epochs=r["epochs"], batch_size=r["batch_size"], seed=seed,

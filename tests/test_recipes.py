@@ -48,3 +48,15 @@ def test_cifar_recipe_ablation_switches():
     x = np.random.default_rng(0).integers(0, 256, (12, 3, 16, 16), dtype=np.uint8)
     model, _, kwargs = Q.cifar_recipe(x, widths=(8,), whiten_images=0, ema=0, shift=0, flip=False)
     assert model.layers[0].trainable and kwargs["ema"] is None and kwargs["augment"] is None
+
+
+def test_cifar_recipe_whitens_from_a_random_sample_not_the_first_images():
+    """Image-folder copies of CIFAR-10 are stored class by class: the first images
+    are all one class, so the whitening statistics must come from a random sample."""
+    rng = np.random.default_rng(1)
+    x = np.concatenate([np.full((30, 3, 8, 8), 7, np.uint8) + rng.integers(0, 3, (30, 3, 8, 8), dtype=np.uint8),
+                        rng.integers(0, 256, (30, 3, 8, 8), dtype=np.uint8)])      # "class 0" first
+    model, _, _ = Q.cifar_recipe(x, seed=3, widths=(4,), whiten_images=20)
+    pick = np.sort(np.random.default_rng(3).choice(60, 20, replace=False))
+    assert np.allclose(model.layers[0].params["W"], M.whitening_conv(x[pick]).params["W"])
+    assert not np.allclose(model.layers[0].params["W"], M.whitening_conv(x[:20]).params["W"])
