@@ -35,7 +35,7 @@ MNIST_RECIPE = dict(
 )
 
 CIFAR_RECIPE = dict(
-    epochs=7, batch_size=128, widths=(64, 128, 256),
+    epochs=10, batch_size=128, widths=(64, 128, 256),
     lr=0.1, momentum=0.9, weight_decay=5e-4,
     warmup=0.2,
     label_smoothing=0.2, ema=0.998,
