@@ -242,12 +242,37 @@ def progress_bar(enabled):
     return _live_progress_bar() if enabled else False
 
 
+def run_settings(optimizer, epochs, fit_kwargs):
+    """The settings of a training run that change its result, as a JSON-able dict:
+    epochs, the optimiser's class and hyper-parameters, and every ``fit`` keyword
+    with a plain value (batch size, seed, label smoothing, ...). Schedules and
+    augmentations are functions and are named by their qualified name only."""
+    def plain(value):
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        return getattr(value, "__qualname__", type(value).__name__)
+    hyper = {k: plain(v) for k, v in vars(optimizer).items()
+             if not k.startswith("_") and k != "steps" and isinstance(v, (bool, int, float))}   # steps: state
+    return {"epochs": epochs, "optimizer": {"class": type(optimizer).__name__, **hyper},
+            **{k: plain(v) for k, v in sorted(fit_kwargs.items())}}
+
+
+def _settings_changes(saved, asked):
+    """Human-readable differences between two ``run_settings`` dicts."""
+    return [f"{key}: {saved.get(key)!r} saved, {asked.get(key)!r} asked"
+            for key in sorted(set(saved) | set(asked)) if saved.get(key) != asked.get(key)]
+
+
 def train_or_load(runs, name, model, data, optimizer, epochs, progress=False, **fit_kwargs):
     """Train ``model`` on ``data`` unless ``runs/<name>.npz`` already exists.
 
     model: the untrained network; when the run is already saved, the saved one
     is returned instead, after checking that its parameters have the same names
-    and shapes (a ValueError says which run to delete otherwise).
+    and shapes and that it was trained with the same settings (``run_settings``:
+    epochs, optimiser, ``fit`` keywords); otherwise a ValueError names the
+    difference and the files to delete, so a changed recipe never silently
+    reuses an old run. (Runs saved before settings were recorded are checked
+    for their number of epochs only.)
     An interrupted run resumes from its per-epoch checkpoint (same result as an
     uninterrupted one). ``progress=True`` shows a live progress bar with an ETA
     during each epoch; every epoch prints one line either way. ``fit_kwargs`` go
@@ -256,6 +281,7 @@ def train_or_load(runs, name, model, data, optimizer, epochs, progress=False, **
     runs = Path(runs)
     slug = re.sub(r"[^A-Za-z0-9.-]+", "_", name)          # run names may hold spaces and slashes
     model_path, history_path = runs / f"{slug}.npz", runs / f"{slug}.json"
+    settings = run_settings(optimizer, epochs, fit_kwargs)
     if model_path.exists() and history_path.exists():
         saved = M.Sequential.load(model_path)
         shapes = [[(key, p.shape) for key, p, _ in m.parameters()] for m in (model, saved)]
@@ -263,13 +289,21 @@ def train_or_load(runs, name, model, data, optimizer, epochs, progress=False, **
             raise ValueError(f"{model_path} holds a different network than the one asked for "
                              f"(parameters {shapes[1]} instead of {shapes[0]}); delete it and "
                              f"{history_path.name} to train again")
-        return saved, json.loads(history_path.read_text())
+        history = json.loads(history_path.read_text())
+        saved_settings = history.pop("settings", {"epochs": len(history["val_acc"])})
+        changes = _settings_changes(saved_settings, {k: settings.get(k) for k in saved_settings}
+                                    if "optimizer" not in saved_settings else settings)
+        if changes:
+            raise ValueError(f"{model_path} was trained with other settings than the ones asked for "
+                             f"({'; '.join(changes)}); delete it and {history_path.name} to train again "
+                             "with the new settings")
+        return saved, history
     checkpoint = runs / f"{slug}.checkpoint.npz"
     history = T.fit(model, data.x_train, data.y_train, optimizer, epochs,
                     validation=(data.x_val, data.y_val), checkpoint=checkpoint,
                     progress=_live_progress_bar() if progress else False, **fit_kwargs).as_dict()
     model.save(model_path)
-    F.save_json(history_path, history)
+    F.save_json(history_path, {**history, "settings": settings})
     checkpoint.unlink(missing_ok=True)          # none when fit had no epoch to run
     return model, history
 

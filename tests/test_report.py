@@ -103,7 +103,7 @@ def test_train_or_load_trains_once_then_reloads_the_same_model(tmp_path, monkeyp
     assert len(history["val_acc"]) == 2 and len(history["seconds"]) == 2
     assert capsys.readouterr().out.count("epoch ") == 2                     # one line per epoch
     monkeypatch.setattr(T, "fit", lambda *a, **k: pytest.fail("a saved run must not be trained again"))
-    again, again_history = R.train_or_load(tmp_path, "toy run/1", toy_model(), data, T.Adam(1e-2), 2)
+    again, again_history = R.train_or_load(tmp_path, "toy run/1", toy_model(), data, T.Adam(1e-2), 2, batch_size=8)
     assert again_history == history
     np.testing.assert_array_equal(again.predict_proba(data.x_test), model.predict_proba(data.x_test))
 
@@ -113,6 +113,31 @@ def test_train_or_load_refuses_a_saved_run_of_another_network(tmp_path):
     R.train_or_load(tmp_path, "toy", toy_model(hidden=3), data, T.Adam(1e-2), 1, batch_size=8)
     with pytest.raises(ValueError, match="toy.npz holds a different network.*delete it and toy.json"):
         R.train_or_load(tmp_path, "toy", toy_model(hidden=4), data, T.Adam(1e-2), 1, batch_size=8)
+
+
+@pytest.mark.parametrize("changed", [
+    dict(epochs=2), dict(optimizer=T.Adam(1e-3)), dict(optimizer=T.SGD(1e-2)), dict(batch_size=4),
+    dict(label_smoothing=0.1), dict(seed=1)])
+def test_train_or_load_refuses_a_saved_run_trained_with_other_settings(tmp_path, changed):
+    data = toy_data()
+    def asked():
+        return dict(epochs=1, optimizer=T.Adam(1e-2), batch_size=8)      # a fresh optimiser every time
+    R.train_or_load(tmp_path, "toy", toy_model(), data, **asked())
+    with pytest.raises(ValueError, match=r"toy.npz was trained with other settings.*delete it and toy.json"):
+        R.train_or_load(tmp_path, "toy", toy_model(), data, **{**asked(), **changed})
+    again, _ = R.train_or_load(tmp_path, "toy", toy_model(), data, **asked())    # the same settings still load
+    assert again.num_params() == toy_model().num_params()
+
+
+def test_train_or_load_checks_the_epochs_of_a_run_saved_without_settings(tmp_path):
+    data = toy_data()
+    R.train_or_load(tmp_path, "old", toy_model(), data, T.Adam(1e-2), 1, batch_size=8)
+    history = json.loads((tmp_path / "old.json").read_text())
+    del history["settings"]                            # the format of runs saved before settings were kept
+    (tmp_path / "old.json").write_text(json.dumps(history))
+    R.train_or_load(tmp_path, "old", toy_model(), data, T.Adam(1e-3), 1)      # only the epochs are known
+    with pytest.raises(ValueError, match=r"epochs: 1 saved, 2 asked"):
+        R.train_or_load(tmp_path, "old", toy_model(), data, T.Adam(1e-2), 2, batch_size=8)
 
 
 def test_train_or_load_passes_a_live_progress_bar_only_when_asked(tmp_path, monkeypatch):
