@@ -60,8 +60,7 @@ def output_size(size, kernel, stride, padding):
 
 
 def _pad(x, padding, axes=(2, 3)):
-    """Zero-pad two spatial ``axes`` by ``padding = (ph, pw)`` on both sides (a new
-    array; a view of x when there is nothing to pad)."""
+    """Zero-pad two ``axes`` by ``padding = (ph, pw)`` on both sides (x itself: none)."""
     return _padded(x, padding, None, "", axes)
 
 
@@ -95,9 +94,8 @@ def _col2im(dcols, padded_shape, stride):
 # are column sums, and pooling and padding copy contiguous runs of C values.
 
 def channels_last(x):
-    """(N, C, *S) -> the same values as a contiguous (N, *S, C) array; free (a
-    view) when x is a channels-first view of channels-last memory, as every
-    vectorized layer returns."""
+    """(N, C, *S) -> the same values as a contiguous (N, *S, C) array; free (a view)
+    when x is a channels-first view of channels-last memory, as layers return."""
     return np.ascontiguousarray(np.moveaxis(x, 1, -1))
 
 
@@ -172,14 +170,13 @@ def _widen(matrices, vectors):
 
 
 class Workspace:
-    """Scratch arrays a layer reuses from one batch to the next, by name.
+    """Scratch arrays a layer reuses from one batch to the next, by name (a large
+    new array costs fresh pages zeroed on first touch: about one more fill).
 
-    A large new array comes as fresh pages zeroed on first touch (about one more
-    fill). ``get`` hands back the same array while shape and dtype stay the
-    same; one made with ``zeros=True`` stays zero wherever the caller never
-    writes (a padded image's border is written once, not every batch).
-    ``scratch`` serves temporaries whose size varies (im2col blocks). A layer's
-    cache may point into its workspace: valid until its next forward pass.
+    ``get`` hands back the same array while shape and dtype stay the same; one made
+    with ``zeros=True`` stays zero wherever the caller never writes (a padded image's
+    border is written once). ``scratch`` serves temporaries whose size varies (im2col
+    blocks). A layer's cache may point into its workspace until its next forward pass.
     """
 
     def __init__(self):
@@ -378,14 +375,12 @@ def conv_method(x):
 def conv2d_forward_vectorized(x, W, b, stride=(1, 1), padding=(0, 0), work=None):
     """Same maths as the loop version as matrix products (im2col), channels-last.
 
-    Every window becomes one row of a matrix (N*OH*OW, kh*kw*C) ordered
-    (p, q, c), so each piece copied into it is a contiguous run of C channel
-    values, and out = cols @ W_mat with W_mat = W reordered to (kh*kw*C, F).
-    The matrix is never built whole: a block of rows at a time is copied into
-    a reused buffer and multiplied (``_conv_products``). The padding is the
-    zero border of a reused buffer. The result is an (N, F, OH, OW) *view* of
-    the (N, OH, OW, F) product: no copy, and the next layers keep that order.
-    ``work``: a ``Workspace`` for the temporary arrays (None: fresh ones).
+    Every window becomes one row of a matrix (N*OH*OW, kh*kw*C) ordered (p, q, c),
+    so each piece copied into it is a contiguous run of C channel values, and
+    out = cols @ W_mat with W_mat = W reordered to (kh*kw*C, F); a block of rows at
+    a time, in a reused buffer (``_conv_products``). The padding is the zero border
+    of a reused buffer. The result is an (N, F, OH, OW) *view* of the (N, OH, OW, F)
+    product: no copy. ``work``: a ``Workspace`` for temporaries (None: fresh ones).
     """
     work = Workspace() if work is None else work
     F, _, kh, kw = W.shape
@@ -484,15 +479,21 @@ def maxpool_forward_vectorized(x, pool=(2, 2), stride=(2, 2)):
 
 def maxpool_backward_vectorized(dout, cache):
     """Offset k's slice of dx receives dout where offset k holds the window's
-    maximum and no earlier offset does (np.argmax's rule on ties: the first).
-
-    ``taken`` marks the windows whose maximum an earlier offset already
-    claimed; hit > taken is "hit and not taken" in one boolean operation.
+    maximum and no earlier offset does (np.argmax's rule on ties: the first);
+    ``taken`` marks the windows an earlier offset already claimed (hit > taken:
+    "hit and not taken"). Windows that tile channels-last x exactly: x viewed
+    as (N, OH, ph, OW, pw, C) and one comparison mark every maximum; with no tie
+    (the count says so) that mask is the arg-max, dx = mask * dout in one pass.
     """
     x, out, (ph, pw), (sh, sw) = cache
-    OH, OW = dout.shape[2:]
+    (N, C, H, W_in), (OH, OW) = x.shape, dout.shape[2:]
     overlapping = sh < ph or sw < pw
-    covered = (sh, sw) == (ph, pw) and (OH * sh, OW * sw) == x.shape[2:]
+    covered = (sh, sw) == (ph, pw) and (OH * sh, OW * sw) == (H, W_in)
+    if covered and np.moveaxis(x, 1, -1).flags.c_contiguous:
+        hit = channels_last(x).reshape(N, OH, ph, OW, pw, C) == channels_last(out).reshape(N, OH, 1, OW, 1, C)
+        if np.count_nonzero(hit) == out.size:
+            dx = np.multiply(hit, channels_last(dout).reshape(N, OH, 1, OW, 1, C), dtype=x.dtype)
+            return channels_first(dx.reshape(N, H, W_in, C))
     dx = np.empty_like(x) if covered else np.zeros_like(x)   # x's memory order: the next backward stays fast
     taken = None
     for k in range(ph * pw):

@@ -390,6 +390,20 @@ def test_average_pooling_keeps_channels_last_memory_and_the_loop_values():
         np.testing.assert_allclose(out, loop.forward(x), rtol=1e-12)
 
 
+@pytest.mark.parametrize("shape,dtype", [((2, 5, 6, 8), np.float64), ((1, 3, 4, 4), np.float32), ((3, 1, 2, 6), np.float64)])
+def test_maxpool_backward_on_channels_last_tiles_matches_the_loop_with_and_without_ties(shape, dtype):
+    # Channels-last x tiled by 2x2 windows takes the one-comparison path unless a window has a tie.
+    rng = np.random.default_rng(41)
+    for x in (rng.standard_normal(shape), np.maximum(rng.standard_normal(shape), 0)):    # ReLU zeros tie
+        x = channels_last_view(x.astype(dtype))
+        loop, vec = L.MaxPool2D(2, impl="loop"), L.MaxPool2D(2)
+        np.testing.assert_array_equal(vec.forward(x), loop.forward(x))
+        dout = channels_last_view(rng.standard_normal(loop.forward(x).shape).astype(dtype))
+        dx = vec.backward(dout)
+        np.testing.assert_array_equal(dx, loop.backward(dout))
+        assert dx.dtype == dtype and np.moveaxis(dx, 1, -1).flags.c_contiguous
+
+
 def test_pad_adds_a_zero_border_or_returns_x_itself():
     x = np.random.default_rng(40).standard_normal((2, 3, 4, 5))
     np.testing.assert_array_equal(C._pad(x, (1, 2)), np.pad(x, ((0, 0), (0, 0), (1, 1), (2, 2))))
