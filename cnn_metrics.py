@@ -1,5 +1,6 @@
 """Classification metrics written by hand: accuracy, confusion matrix,
-per-class precision, recall and F1, and a text report."""
+per-class precision, recall and F1, a text report, and the examples worth
+showing (well-classified ones, the most confident mistakes)."""
 from __future__ import annotations
 
 import numpy as np
@@ -103,3 +104,57 @@ def top_confusions(confusion, class_names, k=5):
     return [(class_names[i], class_names[j], int(cm[i, j]), float(cm[i, j] / max(support[i], 1)))
             for i, j in zip(*np.unravel_index(order, cm.shape)) if i != j and cm[i, j] > 0]
 
+
+# ---------------------------------------------------------------------------
+# Examples worth showing: one correct example per class, confident mistakes
+# ---------------------------------------------------------------------------
+
+def _predictions(y_true, proba):
+    """(labels (N,), probabilities (N, K), predictions (N,)) after checking shapes."""
+    y_true, proba = np.asarray(y_true), np.asarray(proba)
+    if proba.ndim != 2 or y_true.shape != (len(proba),):
+        raise ValueError(f"need labels (N,) and probabilities (N, K), got {y_true.shape} and {proba.shape}")
+    return y_true, proba, proba.argmax(axis=1)
+
+
+def first_correct(y_true, y_pred, label):
+    """Index of the first example of class ``label`` that is also predicted as
+    ``label``, or None when there is none. y_true, y_pred: (N,) ints."""
+    found = np.flatnonzero((np.asarray(y_true) == label) & (np.asarray(y_pred) == label))
+    return int(found[0]) if len(found) else None
+
+
+def correct_examples(y_true, proba, classes):
+    """The first correctly classified example of each class in ``classes`` (a class
+    without one is skipped), for a figure: (indices, titles), titles
+    "7 (99%)" = the class and its predicted probability.
+
+    y_true: (N,) labels; proba: (N, K) predicted probabilities.
+    """
+    y_true, proba, pred = _predictions(y_true, proba)
+    found = [first_correct(y_true, pred, label) for label in classes]
+    indices = [i for i in found if i is not None]
+    return indices, [f"{y_true[i]} ({proba[i, pred[i]]:.0%})" for i in indices]
+
+
+def mistakes_beside_examples(y_true, proba, n=4):
+    """The ``n`` most confident mistakes (largest probability of the wrong
+    prediction first), each followed by the first correctly classified example
+    of the class it was taken for, when there is one: (indices, titles), titles
+    "4 read as 9\\n(97%)" for a mistake (true 4, predicted 9 with 97 %) and
+    "a real 9\\n" for its example. Empty lists when nothing is misclassified.
+
+    y_true: (N,) labels; proba: (N, K) predicted probabilities.
+    """
+    y_true, proba, pred = _predictions(y_true, proba)
+    wrong = np.flatnonzero(pred != y_true)
+    wrong = wrong[np.argsort(-proba[wrong, pred[wrong]], kind="stable")][:n]
+    indices, titles = [], []
+    for i in wrong:
+        indices.append(int(i))
+        titles.append(f"{y_true[i]} read as {pred[i]}\n({proba[i, pred[i]]:.0%})")
+        example = first_correct(y_true, pred, pred[i])
+        if example is not None:
+            indices.append(example)
+            titles.append(f"a real {pred[i]}\n")        # the newline aligns it with the two-line titles
+    return indices, titles

@@ -106,18 +106,31 @@ def read_npz(path):
     raise ValueError(problem)
 
 
-TTA_MODES = (None, "flip")
+TTA_MODES = (None, "flip", "shift")
+SHIFTS = ((1, 0), (-1, 0), (0, 1), (0, -1))     # tta="shift": one pixel down, up, right, left
 
 
 def check_tta(tta, x, where):
     """Raise ``ValueError`` unless ``tta`` is one of ``TTA_MODES`` and fits ``x``
-    ("flip" mirrors images left-right, so it needs (N, C, H, W))."""
+    ("flip" and "shift" move pixels, so they need images (N, C, H, W))."""
     if not any(tta is mode or (isinstance(tta, str) and tta == mode) for mode in TTA_MODES):
-        raise ValueError(f"{where}: tta must be None (no test-time augmentation) or 'flip' (the mean of the "
-                         f"logits of each image and its mirror), got {tta!r}")
-    if tta == "flip" and np.ndim(x) != 4:
-        raise ValueError(f"{where}: tta='flip' mirrors images left-right and needs (N, C, H, W) input, "
+        raise ValueError(f"{where}: tta must be None (no test-time augmentation), 'shift' (the mean of the "
+                         f"logits of each image and its four one-pixel shifts) or 'flip' (of each image and "
+                         f"its mirror), got {tta!r}")
+    if tta is not None and np.ndim(x) != 4:
+        raise ValueError(f"{where}: tta={tta!r} moves pixels and needs images (N, C, H, W), "
                          f"got shape {np.shape(x)}")
+
+
+def shifted(x, dy, dx):
+    """Images x (N, C, H, W) moved dy pixels down and dx right (negative: up, left);
+    the uncovered border is 0, as the padding of the training shifts
+    (``cnn_train.random_crop``)."""
+    out = np.zeros_like(x)
+    H, W = x.shape[2:]
+    out[:, :, max(dy, 0):H + min(dy, 0), max(dx, 0):W + min(dx, 0)] = \
+        x[:, :, max(-dy, 0):H + min(-dy, 0), max(-dx, 0):W + min(-dx, 0)]
+    return out
 
 
 def check_batch_size(batch_size, where):
@@ -229,12 +242,16 @@ class Sequential:
         ``forward`` (see ``prepare_batch``), with optional test-time augmentation:
         ``tta=None``: ``forward(x, training=False)``, nothing else;
         ``tta="flip"``: the mean of the LOGITS (not of the probabilities) of x
-        and of its left-right mirror x[..., ::-1]; images (N, C, H, W) only.
+        and of its left-right mirror x[..., ::-1]; ``tta="shift"``: the mean of
+        the logits of x and of its four one-pixel shifts (``SHIFTS``, ``shifted``),
+        for digits, which a mirror would change; images (N, C, H, W) only.
         """
         check_tta(tta, x, "predict")
         logits = self.forward(x, training=False)
         if tta == "flip":
             logits = (logits + self.forward(np.ascontiguousarray(x[..., ::-1]), training=False)) / 2
+        if tta == "shift":
+            logits = (logits + sum(self.forward(shifted(x, dy, dx), training=False) for dy, dx in SHIFTS)) / 5
         return logits
 
     def predict_proba(self, x, batch_size=64, tta=None):
@@ -243,8 +260,8 @@ class Sequential:
 
         x: (N, ...) floats, or uint8 images 0..255 (each batch becomes the model's
         dtype divided by 255). NaN or inf in x raises ``ValueError``.
-        ``tta="flip"``: test-time augmentation, softmax of the mean of the logits
-        of each image and its left-right mirror (``logits``); None: no augmentation.
+        ``tta="flip"`` or ``"shift"``: test-time augmentation, softmax of the mean of
+        the logits of each image and its mirror or shifts (``logits``); None: none.
         """
         x = as_batch_array(x, "predict")
         check_batch_size(batch_size, "predict")
@@ -595,3 +612,15 @@ def cifar_net(widths=(64, 128, 256), whiten=None, num_classes=10, input_size=32,
         c = w
     layers += [MaxPool2D(size, impl=impl), Flatten(), Dense(c, num_classes, impl=impl, dtype=dtype)]
     return Sequential(layers, seed=seed)
+
+
+def cifar_rows_conv1d(seed=0):
+    """CIFAR-10 read as a sequence of its 32 rows by 1-D convolutions (notebook 4's
+    row-sequence model): RowsToSequence turns x (N, 3, 32, 32) into (N, 96, 32),
+    the 96 values of a row (32 pixels x RGB, interleaved) as channels; then
+    ``conv_net`` with ``dims=1``: two blocks of 2 x (Conv1D k=3 -> BatchNorm -> ReLU)
+    with 128 and 256 channels, each ending in MaxPool1D 2 (32 -> 16 -> 8 rows),
+    Flatten (N, 2048) -> Dropout 0.3 -> Dense to 10 logits."""
+    rows = conv_net(in_channels=96, input_size=32, channels=(128, 256), convs_per_block=2, batchnorm=True,
+                    hidden=0, dropout=0.3, dims=1, seed=seed)
+    return Sequential([RowsToSequence()] + rows.layers, seed=seed)

@@ -4,7 +4,7 @@ images, filters, feature maps, saliency and occlusion maps.
 This is the only module that imports matplotlib and seaborn (the maths
 modules stay NumPy-only). Every ``plot_*`` function returns its matplotlib Figure and,
 given ``path``, also writes it as a PNG (dpi 150) atomically. Figures are made
-with pyplot: close them (``plt.close(fig)``) when making many in a script, and
+with pyplot: close them (``close(fig)``) when making many in a script, and
 in Jupyter end a cell with ``;`` so the returned Figure is not shown twice.
 """
 import functools
@@ -32,7 +32,7 @@ from mpl_toolkits.axes_grid1 import make_axes_locatable  # noqa: E402
 
 from cnn_core import output_size  # noqa: E402
 from cnn_files import save_figure  # noqa: E402
-from cnn_layers import Dropout  # noqa: E402
+from cnn_layers import BatchNorm, Dropout  # noqa: E402
 
 # One style for every figure, applied with rc_context inside each function so
 # that importing this module changes no global matplotlib settings.
@@ -56,6 +56,13 @@ def _finish(fig, path):
     if path is not None:
         save_figure(fig, path)
     return fig
+
+
+def close(fig):
+    """Close a Figure made here: pyplot keeps every figure it made open (and Jupyter
+    shows the open ones at the end of a cell) until it is closed. Used by
+    ``cnn_report.figure`` once the figure is shown, so it does not appear twice."""
+    plt.close(fig)
 
 
 def _to_display(image):
@@ -213,6 +220,18 @@ def plot_images(images, titles=None, ncols=10, path=None, cmap="gray"):
     return _finish(_image_figure(images, titles, ncols, cmap), path)
 
 
+def plot_class_examples(x, y, class_names, per_class=6, max_classes=None, ncols=12, path=None):
+    """``plot_images`` of the first ``per_class`` images of each class (of the
+    first ``max_classes`` classes, default all), class by class, each titled
+    with its class name. x: (N, C, H, W) floats, or uint8 pixels 0..255 (shown
+    as pixel / 255, as the network sees them); y: (N,) labels; class_names: K strings."""
+    y = np.asarray(y)
+    classes = range(len(class_names) if max_classes is None else min(max_classes, len(class_names)))
+    picks = np.concatenate([np.flatnonzero(y == k)[:per_class] for k in classes])
+    images = x[picks] / 255 if x.dtype == np.uint8 else x[picks]     # only the shown images are converted
+    return plot_images(images, [class_names[k] for k in y[picks]], ncols=ncols, path=path)
+
+
 @_styled
 def plot_misclassified(x, y_true, y_pred, proba, class_names, n=20, path=None):
     """The ``n`` most confident mistakes, titled "true / pred (confidence%)".
@@ -283,6 +302,14 @@ def feature_maps(model, x):
     return maps
 
 
+def activations_after(model, x, layer_type):
+    """The outputs of every layer of ``model`` that is a ``layer_type`` (e.g.
+    ``cnn_layers.ReLU``), in layer order, for x (N, C, H, W) in inference mode
+    (``feature_maps``): a list of arrays (N, C', h, w), e.g. the maps after each
+    convolution block's ReLU."""
+    return [out for layer, (_, out) in zip(model.layers, feature_maps(model, x)) if isinstance(layer, layer_type)]
+
+
 @_styled
 def plot_feature_maps(activation, title=None, max_maps=32, path=None):
     """The first ``max_maps`` channels of one example's activation (C, H, W), each
@@ -306,25 +333,32 @@ def plot_feature_maps(activation, title=None, max_maps=32, path=None):
 # ---------------------------------------------------------------------------
 
 def input_gradient(model, x, labels):
-    """Saliency: d logit[n, labels[n]] / d x[n] by our own backward pass.
+    """Saliency: d logit[n, labels[n]] / d x[n] of the deployed (inference-mode)
+    network, by our own backward pass.
 
     x: (N, ...) or one example (C, H, W); labels: (N,) ints or one int.
-    Layers run with training=True so they keep their caches, except Dropout,
-    which runs in inference mode (identity) and is skipped on the way back.
+    Layers run with training=True so they keep their caches, except the two
+    whose inference mode differs: Dropout is the identity (skipped on the way
+    back) and BatchNorm the per-channel map x * scale + shift with its running
+    statistics (its gradient is dout * scale), so the statistics of these few
+    images never enter and the running averages stay untouched.
     Returns an array of x's shape (pass a few examples at a time: every layer
     keeps its cache for the whole batch until the next forward pass).
     """
     x = np.asarray(x)
     out = xb = x[None] if x.ndim == 3 else x
     for layer in model.layers:
-        out = layer.forward(out, training=not isinstance(layer, Dropout))
+        out = layer.forward(out, training=not isinstance(layer, (Dropout, BatchNorm)))
     labels = np.broadcast_to(np.asarray(labels), (len(xb),))
     if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= out.shape[1]:
         raise ValueError(f"labels must be ints in 0..{out.shape[1] - 1}, got {labels}")
     dout = np.zeros_like(out)
     dout[np.arange(len(xb)), labels] = 1
     for layer in reversed(model.layers):
-        if not isinstance(layer, Dropout):
+        if isinstance(layer, BatchNorm):              # inference mode: y = x * scale + shift per channel
+            scale = layer.params["gamma"] / np.sqrt(layer.buffers["running_var"] + layer.eps)
+            dout = dout * scale.reshape((1, -1) + (1,) * (dout.ndim - 2))
+        elif not isinstance(layer, Dropout):
             dout = layer.backward(dout)
     return dout.reshape(x.shape)
 
@@ -542,3 +576,22 @@ def plot_explanations(x, saliency, drops, titles, patch=None, path=None, title=N
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _finish(fig, path)
+
+
+def explain(model, images, classes, titles, patch=8, stride=2, path=None):
+    """Why ``model`` chose a class, for N images (N, C, H, W): ``plot_explanations``
+    of the saliency of ``classes`` (N,) ints (``input_gradient``) and of the drop of
+    its probability when a ``patch`` x ``patch`` square of 0 slides over the image
+    with ``stride`` (``occlusion_drop``); ``titles``: N strings. Returns the Figure.
+
+    The saliency is taken one image at a time, as ``input_gradient`` advises
+    (every layer caches its whole batch on the way forward).
+    """
+    images, classes = np.asarray(images), np.asarray(classes)
+    if images.ndim != 4 or classes.shape != (len(images),):
+        raise ValueError(f"explain: need N images (N, C, H, W) and N classes, got {images.shape} and "
+                         f"{classes.shape}")
+    saliency = np.concatenate([input_gradient(model, images[k:k + 1], classes[k]) for k in range(len(images))])
+    drops = [occlusion_drop(model, image, label, patch=patch, stride=stride)[0]
+             for image, label in zip(images, classes)]
+    return plot_explanations(images, saliency, drops, titles, patch=patch, path=path)

@@ -68,6 +68,31 @@ def results_table(results, columns):
     return markdown_table(columns, [[fmt.format(r=r) for fmt in columns.values()] for r in results])
 
 
+# The columns of a table of trained models, each a ``Result`` scored on the test set.
+MODEL_COLUMNS = {"model": "{r.name}", "parameters": "{r.params:,}", "s / epoch": "{r.seconds:.0f}",
+                 "epochs": "{r.epochs}", "test accuracy": "{r.accuracy:.2%}"}
+
+
+def models_table(results):
+    """A Markdown table of trained models (``Result`` records with a test accuracy),
+    one row each: name, parameters, median seconds per epoch, epochs and test
+    accuracy (``MODEL_COLUMNS``)."""
+    return results_table(results, MODEL_COLUMNS)
+
+
+# The columns of a table of one recipe's runs, one per seed, each scored on the test set.
+SEED_RUN_COLUMNS = {"run": "{r.name}", "epochs": "{r.epochs}", "s / epoch": "{r.seconds:.1f}",
+                    "training": "{r.minutes:.1f} min", "validation accuracy": "{r.val_acc:.2%}",
+                    "test accuracy": "{r.accuracy:.2%}"}
+
+
+def seed_runs_table(results):
+    """A Markdown table of one recipe's runs (``Result`` records, one per seed, with
+    a test accuracy): name, epochs, median seconds per epoch, training minutes,
+    final validation accuracy and test accuracy (``SEED_RUN_COLUMNS``)."""
+    return results_table(results, SEED_RUN_COLUMNS)
+
+
 def summary_table(model, input_shape):
     """A Markdown table of ``model`` (a ``cnn_model.Sequential``) for one example
     of ``input_shape`` (e.g. (1, 28, 28)): layer, output shape, parameters and
@@ -149,8 +174,8 @@ def figure(fig, caption, label=None):
         shown = fig
     _display(shown, metadata={FLOAT_KEY: {"float": "figure", "caption": caption, "label": label}})
     if not isinstance(fig, (str, Path)):
-        import matplotlib.pyplot as plt
-        plt.close(fig)
+        import cnn_plots as P           # matplotlib only once there is a Figure to close
+        P.close(fig)
     _display(_caption_line("figure", caption), metadata={FLOAT_KEY: {"caption_text": True}})
 
 
@@ -423,6 +448,23 @@ def study_curves(study):
     return {name: np.array([r.curve for r in runs]) for name, runs in study.items()}
 
 
+def study_section(study, names, table_caption, topic, title, path, baseline="baseline"):
+    """One section of a seeded study, {variant: [Result, one per seed]}: the
+    ``study_table`` of the variants ``names`` (in that order, against ``baseline``)
+    captioned ``table_caption``, then their validation curves
+    (``cnn_plots.plot_val_curves``, titled ``title``, saved to ``path``) captioned
+    "<topic>: validation accuracy per epoch, mean over the seeds, error bars one
+    standard deviation."."""
+    import cnn_plots as P           # matplotlib only when a figure is drawn
+    unknown = [name for name in names if name not in study]
+    if unknown:
+        raise ValueError(f"study_section: {unknown} are not variants of the study {list(study)}")
+    chosen = {name: study[name] for name in names}
+    table(study_table(chosen, baseline), table_caption)
+    figure(P.plot_val_curves(study_curves(chosen), title=title, path=path),
+           f"{topic}: validation accuracy per epoch, mean over the seeds, error bars one standard deviation.")
+
+
 def recipe_ablation(train_or_load, recipe, data, removed, seeds, tta="flip", **settings):
     """Remove one technique of a recipe at a time, with every seed:
     {variant: [Result per seed]}, each Result's ``accuracy`` the validation
@@ -464,6 +506,22 @@ def task_record(task_id, dataset, model, parameters, seeds, test_accuracy, epoch
     return {"id": task_id, "dataset": dataset, "model": model, "parameters": int(parameters), "seeds": seeds,
             "test_accuracy": test_accuracy, "test_accuracy_mean": mean, "test_accuracy_std": std,
             "epochs": int(epochs), "train_seconds": [float(t) for t in train_seconds], **extra}
+
+
+def seeds_record(results, seeds, train_images):
+    """The record of one recipe trained once per seed, as notebook 1 saves it in
+    mnist_results.json. results: a ``Result`` per seed of ``seeds``, each scored
+    on the test set, the first seed's first (the report shows its model).
+    Holds the test accuracy's mean and standard deviation over the seeds; the
+    first seed's macro and weighted averages, confusion matrix (K, K) as lists,
+    class names, epochs, seconds per epoch, training seconds and parameters;
+    and ``train_images``, the number of training images."""
+    first, report = results[0], results[0].report
+    mean, std = seed_statistics([r.accuracy for r in results])
+    return {"test_accuracy": mean, "test_accuracy_std": std, "seeds": list(seeds), "macro": report["macro"],
+            "weighted": report["weighted"], "epochs": first.epochs, "seconds_per_epoch": first.seconds,
+            "train_seconds": first.train_seconds, "train_images": int(train_images), "parameters": first.params,
+            "confusion": report["confusion"].tolist(), "class_names": list(report["class_names"])}
 
 
 def save_task(runs, record):

@@ -66,3 +66,38 @@ def test_top_confusions_lists_the_largest_mistakes_first():
     assert E.top_confusions(np.eye(2, dtype=int), ["x", "y"]) == []          # no mistakes, nothing listed
     with pytest.raises(ValueError, match="square confusion matrix"):
         E.top_confusions(cm[:2], ["a", "b", "c"])
+
+
+# ---------------------------------------------------------------- examples worth showing
+
+PROBA = np.array([[0.9, 0.1, 0.0],      # 0: a 0 read as 0
+                  [0.2, 0.8, 0.0],      # 1: a 0 read as 1 (80 %)
+                  [0.1, 0.7, 0.2],      # 2: a 1 read as 1
+                  [0.6, 0.3, 0.1],      # 3: a 1 read as 0 (60 %)
+                  [0.0, 0.05, 0.95],    # 4: a 2 read as 2 (95 %)
+                  [0.0, 0.99, 0.01]])   # 5: a 2 read as 1 (99 %)
+LABELS = np.array([0, 0, 1, 1, 2, 2])
+
+
+def test_first_correct_is_the_first_example_predicted_as_its_own_class():
+    pred = PROBA.argmax(axis=1)
+    assert [E.first_correct(LABELS, pred, k) for k in range(3)] == [0, 2, 4]
+    assert E.first_correct(LABELS, pred, 3) is None
+
+
+def test_correct_examples_one_per_class_with_its_probability():
+    indices, titles = E.correct_examples(LABELS, PROBA, classes=[2, 0, 5])
+    assert indices == [4, 0] and titles == ["2 (95%)", "0 (90%)"]          # class 5 has no example
+    with pytest.raises(ValueError, match="labels"):
+        E.correct_examples(LABELS[:3], PROBA, classes=[0])
+
+
+def test_mistakes_beside_examples_most_confident_first_each_with_a_real_example():
+    indices, titles = E.mistakes_beside_examples(LABELS, PROBA, n=2)
+    assert indices == [5, 2, 1, 2]                         # 99 % then 80 %; both read as 1, its example is 2
+    assert titles == ["2 read as 1\n(99%)", "a real 1\n", "0 read as 1\n(80%)", "a real 1\n"]
+    indices, titles = E.mistakes_beside_examples(LABELS, PROBA, n=3)
+    assert indices[4:] == [3, 0] and titles[4] == "1 read as 0\n(60%)"
+    no_real_2 = np.array([[0.1, 0.0, 0.9], [0.0, 1.0, 0.0]])     # a 1 read as 2, and no 2 read right
+    assert E.mistakes_beside_examples([1, 1], no_real_2) == ([0], ["1 read as 2\n(90%)"])
+    assert E.mistakes_beside_examples(LABELS[[0, 2]], PROBA[[0, 2]]) == ([], [])

@@ -295,6 +295,30 @@ def test_whitening_conv_takes_uint8_images_like_fit_and_checks_its_input():
 
 # ---------------------------------------------------------------- test-time augmentation
 
+def test_shifted_moves_images_and_fills_the_border_with_zeros():
+    x = np.arange(2 * 1 * 3 * 4, dtype=float).reshape(2, 1, 3, 4) + 1
+    down = M.shifted(x, 1, 0)
+    np.testing.assert_array_equal(down[:, :, 1:], x[:, :, :-1])
+    assert not down[:, :, 0].any()
+    left = M.shifted(x, 0, -1)
+    np.testing.assert_array_equal(left[..., :-1], x[..., 1:])
+    assert not left[..., -1].any()
+    np.testing.assert_array_equal(M.shifted(M.shifted(x, -1, 2), 1, -2)[:, :, 1:, :-2], x[:, :, 1:, :-2])
+
+
+def test_shift_tta_is_the_mean_of_the_logits_of_five_views():
+    model = M.Sequential([L.Conv2D(1, 2, 3, padding=1, dtype=np.float64), L.ReLU(), L.Flatten(),
+                          L.Dense(2 * 25, 3, dtype=np.float64)], seed=0)
+    x = np.random.default_rng(5).standard_normal((4, 1, 5, 5))
+    views = [x] + [M.shifted(x, dy, dx) for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1))]
+    expected = np.mean([model.forward(v, training=False) for v in views], axis=0)
+    np.testing.assert_allclose(model.logits(x, tta="shift"), expected, rtol=1e-12)
+    np.testing.assert_allclose(model.predict_proba(x, batch_size=3, tta="shift"), C.softmax(expected), rtol=1e-12)
+    assert not np.allclose(model.logits(x, tta="shift"), model.logits(x))
+    with pytest.raises(ValueError, match=r"tta='shift'.*\(N, C, H, W\)"):
+        M.Sequential([L.Dense(6, 2)]).predict(x[:, 0, 0, :2].repeat(3, axis=1), tta="shift")
+
+
 def test_flip_tta_is_exact_for_a_mirror_symmetric_model_and_none_is_unchanged():
     rng = np.random.default_rng(8)
     x = rng.random((7, 2, 5, 6), dtype=np.float32)
@@ -396,3 +420,19 @@ def test_mnist_net_v2_blocks_pool_before_normalising():
     assert kinds[4:11] == ["Conv2D", "MaxPool2D", "BatchNorm", "ReLU", "Conv2D", "BatchNorm", "ReLU"]
     assert kinds.count("Conv2D") == 5 and model.layers[-4].in_features == 128 * 3 * 3
     assert M.mnist_net_v2(channels=(8,), hidden=16).forward(np.zeros((1, 1, 28, 28), np.float32)).shape == (1, 10)
+
+
+def test_cifar_rows_conv1d_is_notebook_4s_row_sequence_network():
+    """The builder gives the network notebook 4 built inline (same layers, same
+    initial weights), so the saved run "cifar_rows" stays valid."""
+    inline = M.Sequential([L.RowsToSequence()] + M.conv_net(
+        in_channels=96, input_size=32, channels=(128, 256), convs_per_block=2, batchnorm=True,
+        hidden=0, dropout=0.3, dims=1, seed=0).layers, seed=0)
+    built = M.cifar_rows_conv1d(seed=0)
+    assert [layer.label() for layer in built.layers] == [layer.label() for layer in inline.layers]
+    assert isinstance(built.layers[0], L.RowsToSequence) and built.layers[0].layout == "NCL"
+    for (key, p, _), (other_key, q, _) in zip(built.parameters(), inline.parameters(), strict=True):
+        assert key == other_key and np.array_equal(p, q)
+    assert built.forward(np.zeros((2, 3, 32, 32), np.float32), training=False).shape == (2, 10)
+    other_seed = M.cifar_rows_conv1d(seed=1)
+    assert not np.array_equal(other_seed.layers[1].params["W"], built.layers[1].params["W"])

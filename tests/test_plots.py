@@ -125,6 +125,33 @@ def test_input_gradient_matches_finite_differences_with_dropout_off():
     np.testing.assert_allclose(one, numeric[1], rtol=1e-5, atol=1e-7)
 
 
+def test_input_gradient_of_a_batchnorm_network_is_the_deployed_network_s_and_keeps_its_statistics():
+    # Training-mode batch norm would normalise with the statistics of the image itself and move the
+    # running averages on every call (the occlusion maps drawn after it would use drifted ones).
+    model = M.Sequential([L.Conv2D(1, 3, 3, padding=1, dtype=np.float64), L.BatchNorm(3, dtype=np.float64),
+                          L.ReLU(), L.Flatten(), L.Dense(3 * 36, 4, dtype=np.float64)], seed=0)
+    bn = model.layers[1]
+    bn.buffers["running_mean"][:] = [0.3, -0.2, 0.1]
+    bn.buffers["running_var"][:] = [2.0, 0.5, 1.5]
+    bn.params["gamma"][:] = [1.5, 0.7, -1.2]
+    saved = {k: v.copy() for k, v in bn.buffers.items()}
+    x, label = RNG.normal(size=(1, 1, 6, 6)), 3
+    grad = P.input_gradient(model, x, label)
+    for name, value in saved.items():
+        np.testing.assert_array_equal(bn.buffers[name], value)
+
+    def score(xx):
+        return model.forward(xx, training=False)[0, label]
+
+    eps, numeric = 1e-6, np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+        step = np.zeros_like(x)
+        step[idx] = eps
+        numeric[idx] = (score(x + step) - score(x - step)) / (2 * eps)
+    assert np.abs(numeric).max() > 1e-3
+    np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-7)
+
+
 def test_occlusion_map_matches_a_loop_and_is_unchanged_on_zero_regions():
     model = tiny_model(dropout=0.0)
     x = RNG.uniform(0.5, 1.0, size=(1, 6, 6))
@@ -252,3 +279,54 @@ def test_plot_explanations_three_rows_and_a_symmetric_scale_per_map(tmp_path):
     assert (tmp_path / "e.png").exists()
     with pytest.raises(ValueError, match="N titles"):
         P.plot_explanations(x, sal, drops, ["a"])
+
+
+def test_close_closes_the_figure():
+    fig = P.plot_images(GRAY[:2])
+    assert plt.fignum_exists(fig.number)
+    P.close(fig)
+    assert not plt.fignum_exists(fig.number)
+
+
+def test_explain_shows_saliency_and_occlusion_drop_of_the_given_classes(tmp_path):
+    model = tiny_model()
+    x = RNG.normal(size=(2, 1, 6, 6))
+    other = (model.predict(x[:1])[0] + 1) % 3
+    classes = np.array([other, (other + 1) % 3])   # not image 0's prediction, and one class per image
+    fig = P.explain(model, x, classes, ["a", "b"], patch=3, stride=1, path=tmp_path / "x.png")
+    assert len(fig.axes) == 6 and [ax.get_title() for ax in fig.axes[:2]] == ["a", "b"]
+    for k in range(2):
+        saliency = np.abs(P.input_gradient(model, x[k:k + 1], classes[k])[0]).max(axis=0)
+        drop = P.occlusion_drop(model, x[k], classes[k], patch=3, stride=1)[0]
+        assert np.allclose(fig.axes[2 + k].images[0].get_array(), saliency)
+        assert np.allclose(fig.axes[4 + k].images[0].get_array(), drop)
+    predicted = P.occlusion_drop(model, x[0], patch=3, stride=1)[0]
+    assert not np.allclose(fig.axes[4].images[0].get_array(), predicted)
+    assert not np.allclose(fig.axes[3].images[0].get_array(),
+                           np.abs(P.input_gradient(model, x[1:2], classes[0])[0]).max(axis=0))
+    assert (tmp_path / "x.png").exists() and "3x3" in fig.axes[4].get_ylabel()
+    with pytest.raises(ValueError, match="N classes"):
+        P.explain(model, x, [0], ["a", "b"])
+
+
+def test_plot_class_examples_the_first_images_of_each_class_titled_by_name(tmp_path):
+    y = np.array([2, 0, 1, 0, 2, 0, 1])
+    x = np.arange(7 * 3 * 4 * 4).reshape(7, 3, 4, 4) % 256
+    fig = P.plot_class_examples(x.astype(np.uint8), y, ["a", "b", "c"], per_class=2, ncols=4, path=tmp_path / "c.png")
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["a", "a", "b", "b", "c", "c"] and (tmp_path / "c.png").exists()
+    assert np.allclose(fig.axes[0].images[0].get_array(), (x[1] / 255).transpose(1, 2, 0))     # pixel / 255
+    fig = P.plot_class_examples(RGB, np.array([1, 0, 1, 0, 2]), ["a", "b", "c"], per_class=1, max_classes=2)
+    assert [ax.get_title() for ax in fig.axes if ax.get_title()] == ["a", "b"]
+    assert np.allclose(fig.axes[0].images[0].get_array(), RGB[1].transpose(1, 2, 0))
+
+
+def test_activations_after_are_the_outputs_of_the_layers_of_one_type():
+    model = M.mnist_net_v2(channels=(4, 6), hidden=8)
+    x = RNG.uniform(size=(2, 1, 28, 28)).astype(np.float32)
+    maps = P.feature_maps(model, x)
+    relus = P.activations_after(model, x, L.ReLU)
+    expected = [out for label, out in maps if label == "ReLU"]
+    assert len(relus) == 4 and all(np.array_equal(a, b) for a, b in zip(relus, expected, strict=True))
+    assert [a.shape for a in relus[:2]] == [(2, 4, 14, 14), (2, 6, 7, 7)]
+    assert [a.shape for a in P.activations_after(model, x, L.Conv2D)] == [(2, 4, 28, 28), (2, 6, 14, 14), (2, 6, 7, 7)]

@@ -60,3 +60,45 @@ def test_cifar_recipe_whitens_from_a_random_sample_not_the_first_images():
     pick = np.sort(np.random.default_rng(3).choice(60, 20, replace=False))
     assert np.allclose(model.layers[0].params["W"], M.whitening_conv(x[pick]).params["W"])
     assert not np.allclose(model.layers[0].params["W"], M.whitening_conv(x[:20]).params["W"])
+
+
+def test_mnist_study_runs_every_variant_per_seed_under_its_saved_run_name():
+    """The run names are how the saved runs are found again: they must not change."""
+    assert list(Q.MNIST_STUDY) == [
+        "baseline", "kernel 5x5", "filters 8/16", "filters 16/32", "1 conv block", "3 conv blocks", "SGD lr 0.05",
+        "SGD + momentum 0.9, lr 0.01", "Adam lr 1e-4", "Adam lr 1e-2", "batch norm", "dropout 0.25", "shifts of 2 px"]
+    import cnn_data as D
+    rng = np.random.default_rng(0)
+    x, y = rng.random((30, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, 30)
+    data = D.Dataset(x, y, x[:5], y[:5], x[:5], y[:5], tuple("0123456789"))
+    calls = {}
+
+    def train_or_load(name, model, data, optimizer, epochs, **fit):
+        calls[name] = (model, data, optimizer, epochs, fit)
+        return model, {"val_acc": [0.5]}
+
+    runs = Q.mnist_study(train_or_load, data, seeds=(0, 1), train_images=12, epochs=2)
+    assert list(runs) == list(Q.MNIST_STUDY) and all(len(pairs) == 2 for pairs in runs.values())
+    assert list(calls)[:3] == ["exp_baseline_seed0", "exp_baseline_seed1", "exp_kernel 5x5_seed0"]
+    model, train, optimizer, epochs, fit = calls["exp_baseline_seed1"]
+    assert len(train.x_train) == 12 and np.array_equal(train.x_train, x[:12]) and len(train.x_val) == 5
+    assert isinstance(optimizer, T.Adam) and optimizer.lr == 1e-3 and epochs == 2
+    assert fit == {"batch_size": 64, "seed": 1}
+    assert [layer.p for layer in model.layers if isinstance(layer, L.Dropout)] == [0.0]       # baseline: no dropout
+    assert [layer.p for layer in calls["exp_dropout 0.25_seed0"][0].layers if isinstance(layer, L.Dropout)] == [0.25]
+    assert np.array_equal(model.layers[0].params["W"], M.mnist_cnn(seed=1, dropout=0.0).layers[0].params["W"])
+    assert calls["exp_kernel 5x5_seed0"][0].layers[0].params["W"].shape == (32, 1, 5, 5)
+    sgd = calls["exp_SGD + momentum 0.9, lr 0.01_seed0"][2]
+    assert isinstance(sgd, T.SGD) and (sgd.lr, sgd.momentum) == (0.01, 0.9)
+    assert calls["exp_SGD lr 0.05_seed0"][2] is not calls["exp_SGD lr 0.05_seed1"][2]     # a fresh optimiser per run
+    assert any(isinstance(layer, L.BatchNorm) for layer in calls["exp_batch norm_seed0"][0].layers)
+    assert callable(calls["exp_shifts of 2 px_seed0"][4]["augment"])
+    with pytest.raises(ValueError, match=r"mnist_study: unknown settings \['epoch'\]"):
+        Q.mnist_study(train_or_load, data, seeds=(0,), epoch=1)
+
+
+def test_tta_names_each_task_s_test_time_augmentation_and_every_mode_is_known():
+    assert Q.tta("mnist") == "shift" and Q.tta("cifar") == "flip"
+    assert all(Q.tta(task) in M.TTA_MODES for task in ("mnist", "cifar"))
+    with pytest.raises(ValueError, match="unknown task 'imagenet'"):
+        Q.tta("imagenet")

@@ -220,7 +220,7 @@ def test_benchmark_summary_is_bench_py_markdown_split_in_two(tmp_path):
     sentence, table = R.benchmark_summary(path)
     assert sentence.startswith("Measured 2026-11-25 (full run), kernel: OpenBLAS core SkylakeX, 2 threads")
     lines = table.splitlines()
-    assert lines[0].startswith("| network |") and lines[2].startswith("| net | 20.0 ms = 3,200 img/s")
+    assert lines[0].startswith("| network | GEMM ceiling |") and lines[2].startswith("| net | 300 GFLOP/s | 20.0 ms = 3,200 img/s")
     assert "**20.0%** (30%)" in lines[2] and "55,000 images: 20.5 s, peak 400 MB" in lines[2]
     path.write_text("{}")
     with pytest.raises(RuntimeError, match="--markdown"):
@@ -472,3 +472,51 @@ def test_confusion_pairs_table_lists_each_models_top_mistakes():
     lines = R.confusion_pairs_table({"m": (cm, ["a", "b", "c"]), "n": (np.eye(2, dtype=int), ["x", "y"])}, k=2).splitlines()
     assert lines[0] == "| model | true → predicted | test images | share of the true class |"
     assert lines[2:] == ["| m | b → a | 7 | 14.6% |", "| m | a → b | 3 | 5.7% |"]
+
+
+def test_study_section_shows_the_study_table_then_the_captioned_curves(monkeypatch, tmp_path):
+    shown = _shown(monkeypatch)
+    study = {"baseline": _runs([0.90, 0.91, 0.92]), "wide": _runs([0.95, 0.96, 0.97]), "deep": _runs([0.9, 0.9, 0.9])}
+    R.study_section(study, ["wide", "baseline"], "Width.", "Width", "width (32 = baseline)", tmp_path / "w.png")
+    (text, meta), (line, _), (fig, fig_meta), (fig_line, _) = shown
+    assert text == str(R.study_table({"wide": study["wide"], "baseline": study["baseline"]}, "baseline"))
+    assert meta[R.FLOAT_KEY]["caption"] == "Width." and line == "*Table: Width.*"
+    assert fig_meta[R.FLOAT_KEY]["caption"] == fig_line.strip("*").removeprefix("Figure: ") == (
+        "Width: validation accuracy per epoch, mean over the seeds, error bars one standard deviation.")
+    assert fig.axes[0].get_title() == "width (32 = baseline)" and (tmp_path / "w.png").exists()
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["wide (3 seeds)", "baseline (3 seeds)"]
+    with pytest.raises(ValueError, match=r"\['wider'\] are not variants"):
+        R.study_section(study, ["wider", "baseline"], "Width.", "Width", "width", tmp_path / "v.png")
+
+
+def test_models_table_has_the_standard_columns():
+    records = [R.Result("cnn", 12345, 3, 41.6, [0.5, 0.6, 0.7], accuracy=0.8765),
+               R.Result("mlp", 99, 1, 2.4, [0.3], accuracy=0.5)]
+    assert R.models_table(records).splitlines() == [
+        "| model | parameters | s / epoch | epochs | test accuracy |", "|---|---|---|---|---|",
+        "| cnn | 12,345 | 42 | 3 | 87.65% |", "| mlp | 99 | 2 | 1 | 50.00% |"]
+
+
+def test_seeds_record_sums_up_the_seeds_and_keeps_the_first_seeds_details():
+    data, model = toy_data(), toy_model()
+    results = [R.model_result(f"seed {s}", model, {"seconds": [s + 1.0, 3.0], "val_acc": [0.4, 0.5]}, data)
+               for s in range(3)]
+    for result, accuracy in zip(results, (0.90, 0.92, 0.94)):
+        result.accuracy = accuracy
+    record = R.seeds_record(results, (0, 1, 2), train_images=40)
+    assert list(record) == ["test_accuracy", "test_accuracy_std", "seeds", "macro", "weighted", "epochs",
+                            "seconds_per_epoch", "train_seconds", "train_images", "parameters", "confusion",
+                            "class_names"]                 # the order of mnist_results.json
+    assert record["test_accuracy"] == pytest.approx(0.92) and record["test_accuracy_std"] == pytest.approx(0.02)
+    assert record["seeds"] == [0, 1, 2] and record["train_images"] == 40 and record["parameters"] == model.num_params()
+    assert (record["epochs"], record["seconds_per_epoch"], record["train_seconds"]) == (2, 2.0, 4.0)   # seed 0
+    assert record["confusion"] == results[0].report["confusion"].tolist() and record["class_names"] == ["a", "b", "c"]
+    assert record["macro"] == results[0].report["macro"]
+    json.dumps(record)                                  # plain JSON (save_json also converts NumPy numbers)
+
+
+def test_seed_runs_table_has_one_row_per_run_with_times_and_accuracies():
+    records = [R.Result("seed 0", 10, 4, 201.26, [0.98, 0.994], train_seconds=805.0, accuracy=0.9943)]
+    assert R.seed_runs_table(records).splitlines() == [
+        "| run | epochs | s / epoch | training | validation accuracy | test accuracy |", "|---|---|---|---|---|---|",
+        "| seed 0 | 4 | 201.3 | 13.4 min | 99.40% | 99.43% |"]
