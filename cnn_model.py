@@ -106,17 +106,17 @@ def read_npz(path):
     raise ValueError(problem)
 
 
-TTA_MODES = (None, "flip", "shift")
+TTA_MODES = (None, "flip", "shift", "flip+shift")
 SHIFTS = ((1, 0), (-1, 0), (0, 1), (0, -1))     # tta="shift": one pixel down, up, right, left
 
 
 def check_tta(tta, x, where):
     """Raise ``ValueError`` unless ``tta`` is one of ``TTA_MODES`` and fits ``x``
-    ("flip" and "shift" move pixels, so they need images (N, C, H, W))."""
+    (every mode moves pixels, so it needs images (N, C, H, W))."""
     if not any(tta is mode or (isinstance(tta, str) and tta == mode) for mode in TTA_MODES):
         raise ValueError(f"{where}: tta must be None (no test-time augmentation), 'shift' (the mean of the "
-                         f"logits of each image and its four one-pixel shifts) or 'flip' (of each image and "
-                         f"its mirror), got {tta!r}")
+                         f"logits of each image and its four one-pixel shifts), 'flip+shift' (of those five "
+                         f"and their mirrors) or 'flip' (of each image and its mirror), got {tta!r}")
     if tta is not None and np.ndim(x) != 4:
         raise ValueError(f"{where}: tta={tta!r} moves pixels and needs images (N, C, H, W), "
                          f"got shape {np.shape(x)}")
@@ -244,15 +244,18 @@ class Sequential:
         ``tta="flip"``: the mean of the LOGITS (not of the probabilities) of x
         and of its left-right mirror x[..., ::-1]; ``tta="shift"``: the mean of
         the logits of x and of its four one-pixel shifts (``SHIFTS``, ``shifted``),
-        for digits, which a mirror would change; images (N, C, H, W) only.
+        for digits, which a mirror would change; ``tta="flip+shift"``: the mean
+        over those five views and their five mirrors; images (N, C, H, W) only.
         """
         check_tta(tta, x, "predict")
-        logits = self.forward(x, training=False)
-        if tta == "flip":
-            logits = (logits + self.forward(np.ascontiguousarray(x[..., ::-1]), training=False)) / 2
-        if tta == "shift":
-            logits = (logits + sum(self.forward(shifted(x, dy, dx), training=False) for dy, dx in SHIFTS)) / 5
-        return logits
+        if tta is None:
+            return self.forward(x, training=False)
+        views = [x]
+        if "shift" in tta:
+            views += [shifted(x, dy, dx) for dy, dx in SHIFTS]
+        if "flip" in tta:
+            views += [np.ascontiguousarray(v[..., ::-1]) for v in views]
+        return sum(self.forward(v, training=False) for v in views) / len(views)
 
     def predict_proba(self, x, batch_size=64, tta=None):
         """Class probabilities (N, K), computed in batches: small batches keep each
@@ -260,8 +263,8 @@ class Sequential:
 
         x: (N, ...) floats, or uint8 images 0..255 (each batch becomes the model's
         dtype divided by 255). NaN or inf in x raises ``ValueError``.
-        ``tta="flip"`` or ``"shift"``: test-time augmentation, softmax of the mean of
-        the logits of each image and its mirror or shifts (``logits``); None: none.
+        ``tta="flip"``, ``"shift"`` or ``"flip+shift"``: test-time augmentation, softmax
+        of the mean of the logits of each image and its mirror and/or shifts (``logits``).
         """
         x = as_batch_array(x, "predict")
         check_batch_size(batch_size, "predict")
@@ -624,3 +627,11 @@ def cifar_rows_conv1d(seed=0):
     rows = conv_net(in_channels=96, input_size=32, channels=(128, 256), convs_per_block=2, batchnorm=True,
                     hidden=0, dropout=0.3, dims=1, seed=seed)
     return Sequential([RowsToSequence()] + rows.layers, seed=seed)
+
+
+def mlp(in_features=3 * 32 * 32, hidden=512, dropout=0.3, num_classes=10, seed=0):
+    """A one-hidden-layer perceptron on the raw pixels (notebook 4's MLP baseline):
+    Flatten x (N, C, H, W) to (N, in_features) -> Dense to ``hidden`` -> ReLU ->
+    Dropout ``dropout`` -> Dense to ``num_classes`` logits; initialised from ``seed``."""
+    return Sequential([Flatten(), Dense(in_features, hidden), ReLU(), Dropout(dropout),
+                       Dense(hidden, num_classes)], seed=seed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
@@ -202,6 +203,18 @@ def confusion_pairs_table(confusions, k=5):
     return markdown_table(["model", "true → predicted", "test images", "share of the true class"], rows)
 
 
+def report_confusions(mnist, bonus):
+    """{model: (confusion matrix, class names)} for ``confusion_pairs_table`` from
+    notebook 1's mnist_results.json and notebook 4's bonus_results.json records
+    (dicts, as ``read_results`` returns them; None: that model is left out)."""
+    confusions = {}
+    if mnist:
+        confusions["MNIST"] = (mnist["confusion"], mnist["class_names"])
+    if bonus:
+        confusions["CIFAR-10 2-D CNN"] = (bonus["cifar_confusion"], bonus["class_names"])
+    return confusions
+
+
 def classification_table(report, digits=4):
     """The per-class precision, recall, F1 and support of a
     ``cnn_metrics.classification_report`` as a Markdown table, with the macro
@@ -348,6 +361,7 @@ class Result:
     train_seconds: float = 0.0   # all epochs together
     accuracy: float | None = None     # test accuracy (when evaluated)
     report: dict | None = None        # cnn_metrics.classification_report on the test set
+    proba: np.ndarray | None = dataclasses.field(default=None, repr=False)   # (N, K) test probabilities
 
     @property
     def val_acc(self):
@@ -367,14 +381,16 @@ class Result:
 def model_result(name, model, history, data=None, tta=None):
     """The ``Result`` of a trained ``model`` and its ``history`` (a dict or a
     ``cnn_train.History``); with ``data`` (a ``cnn_data.Dataset``) also its test
-    accuracy and classification report on ``data.x_test``, ``data.y_test``
-    (predicted with test-time augmentation ``tta``, see ``Sequential.predict``)."""
+    accuracy, classification report and class probabilities (N, K) on
+    ``data.x_test``, ``data.y_test`` (predicted once, with test-time augmentation
+    ``tta``, see ``Sequential.predict_proba``)."""
     h = history.as_dict() if hasattr(history, "as_dict") else history
     result = Result(name=name, params=model.num_params(), epochs=len(h["seconds"]),
                     seconds=float(np.median(h["seconds"])), curve=list(h["val_acc"]),
                     train_seconds=float(np.sum(h["seconds"])))
     if data is not None:
-        result.report = E.classification_report(data.y_test, model.predict(data.x_test, tta=tta),
+        result.proba = model.predict_proba(data.x_test, tta=tta)
+        result.report = E.classification_report(data.y_test, result.proba.argmax(axis=1),
                                                  class_names=data.class_names)
         result.accuracy = result.report["accuracy"]
     return result
@@ -388,6 +404,52 @@ def read_results(path, notebook):
         return json.loads(path.read_text())
     print(f"{path.name} not found: run notebook {notebook} first to include its results.")
     return None
+
+
+# ---------------------------------------------------------------------------
+# Result sentences (Markdown, shown under the tables)
+# ---------------------------------------------------------------------------
+
+def target_verdict(value, target):
+    """Whether a test accuracy ``value`` reaches ``target`` (both fractions), in
+    bold: "target 99.55 %: **met**" or "target 90 %: **not met**"."""
+    return f"target {round(target * 100, 4):g} %: **{'met' if value >= target else 'not met'}**"
+
+
+def seeds_sentence(results, target, train_images, cores=None):
+    """The result of one recipe trained once per seed (notebook 1), as Markdown:
+    mean +- standard deviation of the test accuracies of ``results`` (a scored
+    ``Result`` per seed) against ``target``, epochs of ``train_images`` images,
+    the median seconds per epoch on ``cores`` CPU cores (default: this machine's)
+    and the longest training in minutes."""
+    mean, std = seed_statistics([r.accuracy for r in results])
+    cores = os.cpu_count() if cores is None else cores
+    return MarkdownText(
+        f"**Test accuracy {mean:.2%} ± {std:.2%}** (mean ± standard deviation over {len(results)} seed(s); "
+        f"{target_verdict(mean, target)}), each run {results[0].epochs} epochs of "
+        f"{int(train_images):,} images, {np.median([r.seconds for r in results]):.1f} s per epoch (median) on "
+        f"{cores} CPU cores, at most {max(r.train_seconds for r in results) / 60:.1f} minutes of training.")
+
+
+def run_sentence(result, name, target=None, how=""):
+    """The test accuracy of one run, a scored ``Result``, as Markdown: "**<name> test
+    accuracy: 91.23%** <how> (10 epochs of 150 s)." With a ``target`` (a fraction),
+    the ``target_verdict`` for one run, the training minutes and the macro precision
+    and recall instead: "... (target 90 %: **met**; one run) after 10 epochs of
+    150 s (25.0 minutes of training). Macro precision 0.912, recall 0.912."."""
+    head = f"**{name} test accuracy: {result.accuracy:.2%}**" + (f" {how}" if how else "")
+    if target is None:
+        return MarkdownText(f"{head} ({result.epochs} epochs of {result.seconds:.0f} s).")
+    macro = result.report["macro"]
+    return MarkdownText(
+        f"{head} ({target_verdict(result.accuracy, target)}; one run) after {result.epochs} epochs of "
+        f"{result.seconds:.0f} s ({result.train_seconds / 60:.1f} minutes of training). "
+        f"Macro precision {macro['precision']:.3f}, recall {macro['recall']:.3f}.")
+
+
+def target_sentence(name, accuracy, target):
+    """"<name>: **55.12%** (target 55 %: **met**)." as Markdown (``target_verdict``)."""
+    return MarkdownText(f"{name}: **{accuracy:.2%}** ({target_verdict(accuracy, target)}).")
 
 
 # ---------------------------------------------------------------------------
@@ -441,6 +503,14 @@ def study_table(study, baseline, metric="val_acc", label="validation accuracy"):
     seeds = f"{len(base)} seed{'s' if len(base) > 1 else ''}"
     return markdown_table(["variant", "parameters", "s / epoch", f"{label} ({seeds})",
                            "difference (points)", "beyond seed noise?"], rows)
+
+
+def study_record(study):
+    """A study, {variant: [Result, one per seed]}, as notebook 3 saves it in
+    experiments.json: {variant: {"val_acc": [one per seed], "params", "seconds"
+    (of the first seed's run)}}."""
+    return {name: {"val_acc": [r.val_acc for r in runs], "params": runs[0].params, "seconds": runs[0].seconds}
+            for name, runs in study.items()}
 
 
 def study_curves(study):
@@ -536,6 +606,29 @@ def save_results_task(runs, task_id, dataset, model, results, seeds):
                          results[0].epochs, [r.train_seconds for r in results])
     save_task(runs, record)
     return record
+
+
+def save_bonus_results(runs, results, mnist_gru, fashion, source, class_names):
+    """Notebook 4's records, one seed each. ``runs/bonus_results.json``: for each
+    model of ``results`` ({name: Result} of the four CIFAR-10 models: "2-D CNN",
+    "row sequence (Conv1D)", "row sequence (GRU)", "MLP on pixels") and of
+    ``fashion`` (Fashion-MNIST), its accuracy, parameters, seconds per epoch and
+    epochs; the CIFAR-10 copy ``source`` (``load_cifar10``), ``class_names`` and the
+    2-D CNN's confusion matrix (K, K) as lists. Then a task record (``save_results_task``)
+    of each of those models and of ``mnist_gru`` (the MNIST row GRU). Returns the
+    bonus_results.json dict."""
+    summary = {r.name: r.summary("accuracy", "params", "seconds", "epochs") for r in [*results.values(), fashion]}
+    bonus = dict(models=summary, cifar_source=source, class_names=class_names,
+                 cifar_confusion=results["2-D CNN"].report["confusion"].tolist())
+    F.save_json(Path(runs) / "bonus_results.json", bonus)
+    cifar = "CIFAR-10 (JPEG copy)" if "JPEG" in source else "CIFAR-10"
+    for task, dataset, r in [("cifar10-cnn", cifar, results["2-D CNN"]),
+                             ("cifar10-rows", cifar, results["row sequence (Conv1D)"]),
+                             ("cifar10-rows-gru", cifar, results["row sequence (GRU)"]),
+                             ("cifar10-mlp", cifar, results["MLP on pixels"]),
+                             ("mnist-rows-gru", "MNIST", mnist_gru), ("fashion-mnist", "Fashion-MNIST", fashion)]:
+        save_results_task(runs, task, dataset, r.name, [r], seeds=[0])      # one seed each: the report says so
+    return bonus
 
 
 def write_report_json(runs, path):

@@ -231,9 +231,9 @@ def evaluate(model, x, y, batch_size=64, tta=None):
 
     x: (N, ...) floats or uint8 images 0..255 (scaled batch by batch, as in
     ``fit``); y: (N,) integer labels. NaN or inf in x raises ``ValueError``.
-    ``tta="flip"`` or ``"shift"``: test-time augmentation, loss and prediction from
-    the mean of the LOGITS of each image and its left-right mirror, or its four
-    one-pixel shifts (``Sequential.logits``); None (the default): the plain forward pass.
+    ``tta="flip"``, ``"shift"`` or ``"flip+shift"``: test-time augmentation, loss and
+    prediction from the mean of the LOGITS of each image and its left-right mirror,
+    its four one-pixel shifts, or both (``Sequential.logits``); None (the default): none.
     """
     x, y = as_batch_array(x, "evaluate"), as_batch_array(y, "evaluate", "y")
     check_batch_size(batch_size, "evaluate")

@@ -319,6 +319,18 @@ def test_shift_tta_is_the_mean_of_the_logits_of_five_views():
         M.Sequential([L.Dense(6, 2)]).predict(x[:, 0, 0, :2].repeat(3, axis=1), tta="shift")
 
 
+def test_flip_shift_tta_is_the_mean_of_the_logits_of_ten_views():
+    model = M.Sequential([L.Conv2D(2, 2, 3, padding=1, dtype=np.float64), L.ReLU(), L.Flatten(),
+                          L.Dense(2 * 20, 3, dtype=np.float64)], seed=0)
+    x = np.random.default_rng(6).standard_normal((3, 2, 4, 5))
+    five = [x] + [M.shifted(x, dy, dx) for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1))]
+    views = five + [v[..., ::-1] for v in five]
+    expected = np.mean([model.forward(np.ascontiguousarray(v), training=False) for v in views], axis=0)
+    np.testing.assert_allclose(model.logits(x, tta="flip+shift"), expected, rtol=1e-12)
+    for other in ("flip", "shift", None):
+        assert not np.allclose(model.logits(x, tta=other), expected)
+
+
 def test_flip_tta_is_exact_for_a_mirror_symmetric_model_and_none_is_unchanged():
     rng = np.random.default_rng(8)
     x = rng.random((7, 2, 5, 6), dtype=np.float32)
@@ -436,3 +448,18 @@ def test_cifar_rows_conv1d_is_notebook_4s_row_sequence_network():
     assert built.forward(np.zeros((2, 3, 32, 32), np.float32), training=False).shape == (2, 10)
     other_seed = M.cifar_rows_conv1d(seed=1)
     assert not np.array_equal(other_seed.layers[1].params["W"], built.layers[1].params["W"])
+
+
+def test_mlp_is_notebook_4s_pixel_perceptron():
+    """The builder gives the MLP notebook 4 built inline (same layers, same initial
+    weights and dropout stream), so the saved run "cifar_mlp" stays valid."""
+    inline = M.Sequential([L.Flatten(), L.Dense(3 * 32 * 32, 512), L.ReLU(), L.Dropout(0.3), L.Dense(512, 10)], seed=0)
+    built = M.mlp(seed=0)
+    assert [layer.label() for layer in built.layers] == [layer.label() for layer in inline.layers]
+    for (key, p, _), (other_key, q, _) in zip(built.parameters(), inline.parameters(), strict=True):
+        assert key == other_key and np.array_equal(p, q)
+    assert built.layers[3].p == 0.3 and built.layers[3].rng.random() == inline.layers[3].rng.random()
+    assert built.forward(np.zeros((2, 3, 32, 32), np.float32), training=False).shape == (2, 10)
+    small = M.mlp(in_features=4, hidden=5, dropout=0.1, num_classes=3, seed=1)
+    assert [p.shape for _, p, _ in small.parameters()] == [(4, 5), (5,), (5, 3), (3,)]
+    assert not np.array_equal(M.mlp(seed=1).layers[1].params["W"], built.layers[1].params["W"])

@@ -98,7 +98,81 @@ def test_mnist_study_runs_every_variant_per_seed_under_its_saved_run_name():
 
 
 def test_tta_names_each_task_s_test_time_augmentation_and_every_mode_is_known():
-    assert Q.tta("mnist") == "shift" and Q.tta("cifar") == "flip"
+    assert Q.tta("mnist") == "shift" and Q.tta("cifar") == "flip+shift"
     assert all(Q.tta(task) in M.TTA_MODES for task in ("mnist", "cifar"))
     with pytest.raises(ValueError, match="unknown task 'imagenet'"):
         Q.tta("imagenet")
+
+
+def _same_run(built, inline):
+    """Two (model, optimizer, fit_kwargs, epochs) runs are the same run: layers,
+    initial weights, dropout streams, run_settings, learning rates and augmentation."""
+    import cnn_report as R
+    (model, optimizer, kwargs), (old_model, old_optimizer, old_kwargs, old_epochs) = built, inline
+    kwargs = dict(kwargs)
+    epochs = kwargs.pop("epochs")
+    assert [layer.label() for layer in model.layers] == [layer.label() for layer in old_model.layers]
+    for (key, p, _), (old_key, q, _) in zip(model.parameters(), old_model.parameters(), strict=True):
+        assert key == old_key and p.dtype == q.dtype and np.array_equal(p, q)
+    for layer, old in zip(model.layers, old_model.layers):
+        if isinstance(layer, L.Dropout):
+            assert layer.p == old.p and layer.rng.random() == old.rng.random()
+    assert R.run_settings(optimizer, epochs, kwargs) == R.run_settings(old_optimizer, old_epochs, old_kwargs)
+    assert [kwargs["schedule"](e) for e in range(epochs)] == [old_kwargs["schedule"](e) for e in range(old_epochs)]
+    if "augment" in old_kwargs:
+        x = np.random.default_rng(5).random((6, 3, 32, 32), dtype=np.float32)
+        assert np.array_equal(kwargs["augment"](x, np.random.default_rng(7)),
+                              old_kwargs["augment"](x, np.random.default_rng(7)))
+
+
+@pytest.mark.parametrize("epochs", [8, 1])          # the report's run and the quick mode's
+def test_rows_conv1d_and_mlp_recipes_are_notebook_4s_saved_runs(epochs):
+    """The recipes give exactly the runs notebook 4 built inline, so the saved runs
+    "cifar_rows" and "cifar_mlp" stay valid (train_or_load reuses them)."""
+    changes = {} if epochs == 8 else {"epochs": 1}
+    rows_inline = (M.cifar_rows_conv1d(seed=0), T.SGD(0.05, momentum=0.9, nesterov=True, weight_decay=5e-4), dict(
+        batch_size=64, schedule=T.cosine_schedule(0.05, epochs, lr_min=1e-4),
+        augment=T.augmentation(crop=4, flip=True), seed=0), epochs)
+    _same_run(Q.rows_conv1d_recipe(**changes), rows_inline)
+    mlp_inline = (M.Sequential([L.Flatten(), L.Dense(3 * 32 * 32, 512), L.ReLU(), L.Dropout(0.3), L.Dense(512, 10)],
+                               seed=0),
+                  T.Adam(1e-3), dict(batch_size=64, schedule=T.cosine_schedule(1e-3, epochs, lr_min=1e-5),
+                                     augment=T.augmentation(crop=4, flip=True), seed=0), epochs)
+    _same_run(Q.mlp_recipe(**changes), mlp_inline)
+
+
+def test_rows_conv1d_and_mlp_recipes_change_settings_and_refuse_typos():
+    model, optimizer, kwargs = Q.mlp_recipe(seed=1, lr=2e-3, epochs=2)
+    assert optimizer.lr == 2e-3 and kwargs["epochs"] == 2 and kwargs["seed"] == 1
+    assert not np.array_equal(model.layers[1].params["W"], Q.mlp_recipe()[0].layers[1].params["W"])
+    _, optimizer, kwargs = Q.rows_conv1d_recipe(momentum=0.5, shift=0, flip=False)
+    x = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
+    assert optimizer.momentum == 0.5 and np.array_equal(kwargs["augment"](x, np.random.default_rng(0)), x)
+    with pytest.raises(ValueError, match=r"rows_conv1d_recipe: unknown settings \['lr_max'\]"):
+        Q.rows_conv1d_recipe(lr_max=1.0)
+    with pytest.raises(ValueError, match=r"mlp_recipe: unknown settings \['crop'\]"):
+        Q.mlp_recipe(crop=4)
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_row_gru_recipes_are_notebook_4s_saved_runs(quick):
+    """CIFAR-10: ROWS_GRU_RECIPE's 5 epochs; MNIST: 3 epochs; 1 each in quick mode
+    (as notebook 4 built them, so "cifar_rows_gru" and "mnist_rows_gru" stay valid)."""
+    changes = {"epochs": 1} if quick else {}
+    cifar, mnist = (1, 1) if quick else (Q.ROWS_GRU_RECIPE["epochs"], 3)
+    for built, network, epochs in [(Q.cifar_rows_gru_recipe(**changes), M.cifar_rows_gru, cifar),
+                                   (Q.mnist_rows_gru_recipe(**changes), M.mnist_rows_gru, mnist)]:
+        model, optimizer, kwargs = Q.rows_gru_recipe(network(seed=0), epochs=epochs)
+        _same_run(built, (model, optimizer, {k: v for k, v in kwargs.items() if k != "epochs"}, epochs))
+    assert Q.MNIST_ROWS_GRU_RECIPE["epochs"] == 3 and Q.ROWS_GRU_RECIPE["epochs"] == 5
+    with pytest.raises(ValueError, match="mnist_rows_gru_recipe: unknown settings"):
+        Q.mnist_rows_gru_recipe(epoch=2)
+
+
+def test_cifar_ablation_is_notebook_3s_variants_in_order():
+    """The names are part of the saved runs' names; the changes are cifar_recipe settings."""
+    assert list(Q.CIFAR_ABLATION.items()) == [
+        ("recipe", {}), ("no whitening (trained stem)", {"whiten_images": 0}),
+        ("no label smoothing", {"label_smoothing": 0.0}), ("no weight averaging", {"ema": 0}),
+        ("no flips or shifts", {"shift": 0, "flip": False})]
+    assert all(set(changes) <= set(Q.CIFAR_RECIPE) for changes in Q.CIFAR_ABLATION.values())

@@ -520,3 +520,92 @@ def test_seed_runs_table_has_one_row_per_run_with_times_and_accuracies():
     assert R.seed_runs_table(records).splitlines() == [
         "| run | epochs | s / epoch | training | validation accuracy | test accuracy |", "|---|---|---|---|---|---|",
         "| seed 0 | 4 | 201.3 | 13.4 min | 99.40% | 99.43% |"]
+
+
+def test_target_verdict_says_met_or_not_met_with_the_target_in_percent():
+    assert R.target_verdict(0.9955, 0.9955) == "target 99.55 %: **met**"
+    assert R.target_verdict(0.8999, 0.90) == "target 90 %: **not met**"
+    assert R.target_verdict(0.56, 0.55) == "target 55 %: **met**"
+
+
+def _seed_results():
+    return [R.Result("seed 0", 10, 5, 48.26, [0.99], train_seconds=241.3, accuracy=0.9957),
+            R.Result("seed 1", 10, 5, 47.91, [0.99], train_seconds=239.9, accuracy=0.9951),
+            R.Result("seed 2", 10, 5, 49.02, [0.99], train_seconds=245.6, accuracy=0.9960)]
+
+
+def test_seeds_sentence_is_notebook_1s_result_sentence(monkeypatch):
+    text = R.seeds_sentence(_seed_results(), 0.9955, train_images=55000, cores=2)
+    assert isinstance(text, R.MarkdownText) and text == (
+        "**Test accuracy 99.56% ± 0.05%** (mean ± standard deviation over 3 seed(s); target 99.55 %: **met**), "
+        "each run 5 epochs of 55,000 images, 48.3 s per epoch (median) on 2 CPU cores, at most 4.1 minutes of "
+        "training.")
+    monkeypatch.setattr(R.os, "cpu_count", lambda: 7)
+    one = R.seeds_sentence(_seed_results()[1:2], 0.9955, train_images=2000)
+    assert one == ("**Test accuracy 99.51% ± 0.00%** (mean ± standard deviation over 1 seed(s); target 99.55 %: "
+                   "**not met**), each run 5 epochs of 2,000 images, 47.9 s per epoch (median) on 7 CPU cores, "
+                   "at most 4.0 minutes of training.")
+
+
+def test_run_sentence_and_target_sentence_are_notebook_4s_result_sentences():
+    cnn = R.Result("2-D CNN", 10, 10, 151.4, [0.9], train_seconds=1514.2, accuracy=0.9123,
+                   report={"macro": {"precision": 0.91234, "recall": 0.9121}})
+    assert R.run_sentence(cnn, "2-D CNN", target=0.90, how="with flip test-time augmentation") == (
+        "**2-D CNN test accuracy: 91.23%** with flip test-time augmentation (target 90 %: **met**; one run) after "
+        "10 epochs of 151 s (25.2 minutes of training). Macro precision 0.912, recall 0.912.")
+    fashion = R.Result("Fashion-MNIST (MNIST recipe)", 10, 5, 50.4, [0.9], accuracy=0.9312)
+    assert R.run_sentence(fashion, "Fashion-MNIST", how="with the MNIST recipe") == (
+        "**Fashion-MNIST test accuracy: 93.12%** with the MNIST recipe (5 epochs of 50 s).")
+    assert R.run_sentence(fashion, "F") == "**F test accuracy: 93.12%** (5 epochs of 50 s)."
+    text = R.target_sentence("Row-sequence model", 0.5467, target=0.55)
+    assert isinstance(text, R.MarkdownText) and text == "Row-sequence model: **54.67%** (target 55 %: **not met**)."
+
+
+@pytest.mark.parametrize("source", ["the CIFAR-10 binary batches", "the JPEG copy of CIFAR-10 (folder x)"])
+def test_save_bonus_results_writes_what_notebook_4_wrote_inline(tmp_path, source):
+    import cnn_files as F
+    names = ["2-D CNN", "row sequence (Conv1D)", "row sequence (GRU)", "MLP on pixels"]
+    cm = np.array([[3, 1], [0, 4]])
+    results = {n: R.Result(n, 100 + k, k + 1, 10.0 + k, [0.5], train_seconds=20.0 + k, accuracy=0.6 + k / 10,
+                           report={"confusion": cm}) for k, n in enumerate(names)}
+    mnist_gru = R.Result("MNIST rows (GRU)", 50, 3, 9.0, [0.9], train_seconds=27.0, accuracy=0.98)
+    fashion = R.Result("Fashion-MNIST (MNIST recipe)", 70, 5, 8.0, [0.9], train_seconds=40.0, accuracy=0.93)
+    old, new = tmp_path / "old", tmp_path / "new"
+    # notebook 4's cell before it called save_bonus_results:
+    RUNS, fashion_result, data_class_names = old, fashion, ["cat", "dog"]
+    summary = {r.name: r.summary("accuracy", "params", "seconds", "epochs") for r in [*results.values(), fashion_result]}
+    F.save_json(RUNS / "bonus_results.json", dict(models=summary, cifar_source=source, class_names=data_class_names,
+                                                   cifar_confusion=results["2-D CNN"].report["confusion"].tolist()))
+    cifar = "CIFAR-10 (JPEG copy)" if "JPEG" in source else "CIFAR-10"
+    for task, dataset, r in [("cifar10-cnn", cifar, results["2-D CNN"]), ("cifar10-rows", cifar, results["row sequence (Conv1D)"]),
+                             ("cifar10-rows-gru", cifar, results["row sequence (GRU)"]), ("cifar10-mlp", cifar, results["MLP on pixels"]),
+                             ("mnist-rows-gru", "MNIST", mnist_gru), ("fashion-mnist", "Fashion-MNIST", fashion_result)]:
+        R.save_results_task(RUNS, task, dataset, r.name, [r], seeds=[0])
+    bonus = R.save_bonus_results(new, results, mnist_gru, fashion, source, ["cat", "dog"])
+    files = sorted(p.relative_to(old).as_posix() for p in old.rglob("*.json"))
+    assert files == sorted(p.relative_to(new).as_posix() for p in new.rglob("*.json")) and len(files) == 7
+    for f in files:
+        assert (new / f).read_bytes() == (old / f).read_bytes(), f
+    assert bonus == json.loads((new / "bonus_results.json").read_text())
+    assert list(bonus["models"]) == names + ["Fashion-MNIST (MNIST recipe)"]
+    assert bonus["cifar_confusion"] == [[3, 1], [0, 4]] and bonus["class_names"] == ["cat", "dog"]
+    task = json.loads((new / "tasks" / "cifar10-mlp.json").read_text())
+    assert (task["dataset"], task["model"], task["seeds"]) == (cifar, "MLP on pixels", [0])
+
+
+def test_report_confusions_takes_each_record_that_exists():
+    mnist = {"confusion": [[1, 0], [2, 3]], "class_names": ["0", "1"]}
+    bonus = {"cifar_confusion": [[4, 1], [0, 5]], "class_names": ["cat", "dog"]}
+    assert R.report_confusions(mnist, bonus) == {"MNIST": ([[1, 0], [2, 3]], ["0", "1"]),
+                                                 "CIFAR-10 2-D CNN": ([[4, 1], [0, 5]], ["cat", "dog"])}
+    assert list(R.report_confusions(None, bonus)) == ["CIFAR-10 2-D CNN"]
+    assert R.report_confusions(mnist, None) == {"MNIST": ([[1, 0], [2, 3]], ["0", "1"])}
+    assert R.report_confusions(None, None) == {}
+
+
+def test_study_record_is_notebook_3s_experiments_json():
+    study = {"baseline": [R.Result("baseline", 10, 3, 4.5, [0.8, 0.9]), R.Result("baseline", 10, 3, 4.7, [0.7, 0.95])],
+             "kernel 5x5": [R.Result("kernel 5x5", 20, 3, 6.0, [0.85])]}
+    assert R.study_record(study) == {"baseline": {"val_acc": [0.9, 0.95], "params": 10, "seconds": 4.5},
+                                     "kernel 5x5": {"val_acc": [0.85], "params": 20, "seconds": 6.0}}
+    assert list(R.study_record(study)) == ["baseline", "kernel 5x5"]
