@@ -1,7 +1,8 @@
 """Tests of cnn_report, the helpers of the report notebooks: Markdown tables,
-subsets, training that reuses saved runs, result records, the benchmark run."""
+subsets, training that reuses saved runs, result records, report.json."""
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,8 @@ import cnn_metrics as E
 import cnn_model as M
 import cnn_report as R
 import cnn_train as T
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # ---------------------------------------------------------------------------
 # Markdown tables
@@ -179,64 +182,6 @@ def test_read_results_returns_the_json_or_none_with_a_note(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------
-# The benchmark
-# ---------------------------------------------------------------------------
-
-def test_run_benchmark_runs_the_script_and_reads_its_json(tmp_path):
-    script = tmp_path / "fake_bench.py"
-    script.write_text("import json, sys\n"
-                      "args = sys.argv[1:]\n"
-                      "path = args[args.index('--json') + 1]\n"
-                      "print('noise on stdout')\n"
-                      "json.dump({'mode': 'quick' if '--quick' in args else 'full'}, open(path, 'w'))\n")
-    assert R.run_benchmark(tmp_path / "b.json", quick=True, script=script) == {"mode": "quick"}
-    assert R.run_benchmark(tmp_path / "b.json", script=script) == {"mode": "full"}
-
-
-def test_run_benchmark_failure_shows_the_error(tmp_path):
-    script = tmp_path / "broken.py"
-    script.write_text("import sys\nsys.exit('GEMM exploded')\n")
-    with pytest.raises(RuntimeError, match="(?s)exit status 1.*GEMM exploded"):
-        R.run_benchmark(tmp_path / "b.json", script=script)
-
-
-BENCH = {
-    "mode": "full", "timestamp": "2026-11-25T22:20:00+00:00", "gemm": {"n": 2048, "gflops": 300.0},
-    "machine": {"openblas": {"corename": "SkylakeX", "threads": 2}, "blas_env": {}},
-    "networks": {"net": {
-        "training": {"median_s": 0.02, "images_per_s": 3200.0, "gflops": 60.0, "fraction_of_gemm": 0.2, "target": 0.3},
-        "inference": {"images_per_s": 9000.0, "gflops": 70.0, "fraction_of_gemm": 0.233},
-        "epoch": {"images": 55000, "seconds": 20.5, "peak_rss_mb": 400.0},
-        "layers": [
-            {"name": "0 Conv2D 1->32 3x3 pad 1", "fwd_s": 0.0014, "bwd_s": 0.0013, "fwd_gflops": 20.4,
-             "bwd_gflops": 23.0, "gemm_gflops": {"fwd": 70.4, "dW": 40.4}, "gemm_bwd_gflops": 40.4},
-            {"name": "1 ReLU", "fwd_s": 0.0006, "bwd_s": 0.0014, "fwd_gflops": None, "bwd_gflops": None}]}},
-}
-
-
-def test_benchmark_summary_is_bench_py_markdown_split_in_two(tmp_path):
-    path = tmp_path / "results.json"
-    path.write_text(json.dumps(BENCH))
-    sentence, table = R.benchmark_summary(path)
-    assert sentence.startswith("Measured 2026-11-25 (full run), kernel: OpenBLAS core SkylakeX, 2 threads")
-    lines = table.splitlines()
-    assert lines[0].startswith("| network | GEMM ceiling |") and lines[2].startswith("| net | 300 GFLOP/s | 20.0 ms = 3,200 img/s")
-    assert "**20.0%** (30%)" in lines[2] and "55,000 images: 20.5 s, peak 400 MB" in lines[2]
-    path.write_text("{}")
-    with pytest.raises(RuntimeError, match="--markdown"):
-        R.benchmark_summary(path)
-
-
-def test_benchmark_layer_table_rows_and_missing_numbers():
-    lines = R.benchmark_layer_table(BENCH, "net").splitlines()
-    assert lines[0] == "| layer | forward ms | GFLOP/s (GEMM) | backward ms | GFLOP/s (GEMM) |"
-    assert lines[2] == "| 0 Conv2D 1->32 3x3 pad 1 | 1.40 | 20 (70) | 1.30 | 23 (40) |"
-    assert lines[3] == "| 1 ReLU | 0.60 |  | 1.40 |  |"
-    with pytest.raises(ValueError, match="no network 'cifar'"):
-        R.benchmark_layer_table(BENCH, "cifar")
-
-
-# ---------------------------------------------------------------------------
 # report.json
 # ---------------------------------------------------------------------------
 
@@ -375,7 +320,7 @@ def test_progress_bar_is_tqdm_with_eta_only_when_enabled():
 
 def _build_report():
     import importlib.util
-    spec = importlib.util.spec_from_file_location("build_report", R.ROOT / "tools" / "build_report.py")
+    spec = importlib.util.spec_from_file_location("build_report", ROOT / "tools" / "build_report.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -434,16 +379,6 @@ def test_number_floats_groups_consecutive_plain_images_of_one_cell_into_one_figu
     latex = "".join(o.data["text/latex"] for o in nb.cells[1].outputs)
     assert latex.count("\\begin{figure}") == 1 and latex.count("\\adjustimage") == 3
     assert len(resources["outputs"]) == 3
-
-
-def test_loop_vs_vectorized_compares_every_dual_layer():
-    model = M.Sequential([L.Conv2D(1, 2, 3, padding=1), L.ReLU(), L.MaxPool2D(2), L.Flatten(), L.Dense(8, 3)], seed=0)
-    x = np.random.default_rng(0).standard_normal((2, 1, 4, 4)).astype(np.float32)
-    lines = str(R.loop_vs_vectorized(model, x, repeats=2)).splitlines()
-    assert [line.split(" | ")[0].strip("| ") for line in lines[2:]] == [
-        "Conv2D 1->2 3x3 pad 1", "ReLU", "MaxPool2D 2x2", "Dense 8->3"]
-    assert all(float(line.split(" | ")[1]) < 1e-5 for line in lines[2:])
-    assert all(layer.impl == "vectorized" for layer in model.layers if hasattr(layer, "impl"))
 
 
 def test_recipe_ablation_trains_each_variant_per_seed_and_rescored_without_tta(tmp_path):
