@@ -483,7 +483,7 @@ def maxpool_backward_vectorized(dout, cache):
     ``taken`` marks the windows an earlier offset already claimed (hit > taken:
     "hit and not taken"). Windows that tile channels-last x exactly: x viewed
     as (N, OH, ph, OW, pw, C) and one comparison mark every maximum; with no tie
-    (the count says so) that mask is the arg-max, dx = mask * dout in one pass.
+    (one hit per window: the count, and NaN-free windows) the mask is the arg-max.
     """
     x, out, (ph, pw), (sh, sw) = cache
     (N, C, H, W_in), (OH, OW) = x.shape, dout.shape[2:]
@@ -491,7 +491,7 @@ def maxpool_backward_vectorized(dout, cache):
     covered = (sh, sw) == (ph, pw) and (OH * sh, OW * sw) == (H, W_in)
     if covered and np.moveaxis(x, 1, -1).flags.c_contiguous:
         hit = channels_last(x).reshape(N, OH, ph, OW, pw, C) == channels_last(out).reshape(N, OH, 1, OW, 1, C)
-        if np.count_nonzero(hit) == out.size:
+        if np.count_nonzero(hit) == out.size and hit.any(axis=(2, 4)).all():
             dx = np.multiply(hit, channels_last(dout).reshape(N, OH, 1, OW, 1, C), dtype=x.dtype)
             return channels_first(dx.reshape(N, H, W_in, C))
     dx = np.empty_like(x) if covered else np.zeros_like(x)   # x's memory order: the next backward stays fast

@@ -387,7 +387,7 @@ class BatchNorm(Layer):
         x = x.astype(self.params["gamma"].dtype, copy=False)
         gamma, beta = self.params["gamma"], self.params["beta"]
         if not training:               # y = x * scale + shift per channel, on the (m, C) rows of x
-            scale = gamma / np.sqrt(self.buffers["running_var"] + self.eps)
+            scale = self.inference_scale()
             return _from_rows(_scale_shift(as_rows(x), scale, beta - self.buffers["running_mean"] * scale), x)
         out, cache = self.functions[self.impl].forward(x, gamma, beta, self.eps)
         mean, var = cache.mean, cache.var
@@ -397,6 +397,10 @@ class BatchNorm(Layer):
         self.buffers["running_var"] += self.momentum * (var * (m / max(m - 1, 1)) - self.buffers["running_var"])
         self._cache = cache
         return out
+
+    def inference_scale(self):
+        """(C,) gamma / sqrt(running_var + eps): inference mode is y = x * scale + shift."""
+        return self.params["gamma"] / np.sqrt(self.buffers["running_var"] + self.eps)
 
     def backward(self, dout, input_grad=True):
         dx, dgamma, dbeta = self.functions[self.impl].backward(dout, self._cached(), input_grad)

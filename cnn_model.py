@@ -107,6 +107,8 @@ def read_npz(path):
 
 
 TTA_MODES = (None, "flip", "shift", "flip+shift")
+TTA_VIEWS = {"flip": "the image and its mirror", "shift": "the image and its four one-pixel shifts",
+             "flip+shift": "the image, its four one-pixel shifts and their mirrors"}   # what is averaged
 SHIFTS = ((1, 0), (-1, 0), (0, 1), (0, -1))     # tta="shift": one pixel down, up, right, left
 
 

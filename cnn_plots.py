@@ -356,8 +356,7 @@ def input_gradient(model, x, labels):
     dout[np.arange(len(xb)), labels] = 1
     for layer in reversed(model.layers):
         if isinstance(layer, BatchNorm):              # inference mode: y = x * scale + shift per channel
-            scale = layer.params["gamma"] / np.sqrt(layer.buffers["running_var"] + layer.eps)
-            dout = dout * scale.reshape((1, -1) + (1,) * (dout.ndim - 2))
+            dout = dout * layer.inference_scale().reshape((1, -1) + (1,) * (dout.ndim - 2))
         elif not isinstance(layer, Dropout):
             dout = layer.backward(dout)
     return dout.reshape(x.shape)

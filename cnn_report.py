@@ -80,14 +80,16 @@ def models_table(results):
 # The columns of a table of one recipe's runs, one per seed, each scored on the test set.
 SEED_RUN_COLUMNS = {"run": "{r.name}", "epochs": "{r.epochs}", "s / epoch": "{r.seconds:.1f}",
                     "training": "{r.minutes:.1f} min", "validation accuracy": "{r.val_acc:.2%}",
-                    "test accuracy": "{r.accuracy:.2%}"}
+                    "validation with TTA": "{r.val_acc_tta:.2%}", "test accuracy": "{r.accuracy:.2%}"}
 
 
 def seed_runs_table(results):
     """A Markdown table of one recipe's runs (``Result`` records, one per seed, with
     a test accuracy): name, epochs, median seconds per epoch, training minutes,
-    final validation accuracy and test accuracy (``SEED_RUN_COLUMNS``)."""
-    return results_table(results, SEED_RUN_COLUMNS)
+    final validation accuracy (also with test-time augmentation, when the runs were
+    scored with it) and test accuracy (``SEED_RUN_COLUMNS``)."""
+    with_tta = all(r.val_acc_tta is not None for r in results)
+    return results_table(results, {k: v for k, v in SEED_RUN_COLUMNS.items() if with_tta or "val_acc_tta" not in v})
 
 
 def summary_table(model, input_shape):
@@ -279,12 +281,16 @@ def progress_bar(enabled):
 def run_settings(optimizer, epochs, fit_kwargs):
     """The settings of a training run that change its result, as a JSON-able dict:
     epochs, the optimiser's class and hyper-parameters, and every ``fit`` keyword
-    with a plain value (batch size, seed, label smoothing, ...). Schedules and
-    augmentations are functions and are named by their qualified name only."""
+    with a plain value (batch size, seed, label smoothing, ...). A schedule or an
+    augmentation (a function) is its qualified name and the ``settings`` it carries
+    (``cnn_train.cosine_schedule``, ``warmup_linear_schedule``, ``augmentation``)."""
     def plain(value):
+        if isinstance(value, np.generic):                  # a NumPy seed or rate: its Python value
+            return value.item()
         if value is None or isinstance(value, (bool, int, float, str)):
             return value
-        return getattr(value, "__qualname__", type(value).__name__)
+        name = getattr(value, "__qualname__", type(value).__name__)
+        return {"name": name, **value.settings} if hasattr(value, "settings") else name
     hyper = {k: plain(v) for k, v in vars(optimizer).items()
              if not k.startswith("_") and k != "steps" and isinstance(v, (bool, int, float))}   # steps: state
     return {"epochs": epochs, "optimizer": {"class": type(optimizer).__name__, **hyper},
@@ -292,9 +298,13 @@ def run_settings(optimizer, epochs, fit_kwargs):
 
 
 def _settings_changes(saved, asked):
-    """Human-readable differences between two ``run_settings`` dicts."""
+    """Human-readable differences between two ``run_settings`` dicts. A function saved
+    by its name alone (runs saved before functions carried their settings) matches
+    a function of that name."""
+    def same(old, new):
+        return old == new or (isinstance(old, str) and isinstance(new, dict) and new.get("name") == old)
     return [f"{key}: {saved.get(key)!r} saved, {asked.get(key)!r} asked"
-            for key in sorted(set(saved) | set(asked)) if saved.get(key) != asked.get(key)]
+            for key in sorted(set(saved) | set(asked)) if not same(saved.get(key), asked.get(key))]
 
 
 def train_or_load(runs, name, model, data, optimizer, epochs, progress=False, **fit_kwargs):
@@ -358,6 +368,8 @@ class Result:
     accuracy: float | None = None     # test accuracy (when evaluated)
     report: dict | None = None        # cnn_metrics.classification_report on the test set
     proba: np.ndarray | None = dataclasses.field(default=None, repr=False)   # (N, K) test probabilities
+    tta: str | None = None            # the test-time augmentation it was scored with (cnn_model.TTA_MODES)
+    val_acc_tta: float | None = None  # final validation accuracy with that augmentation
 
     @property
     def val_acc(self):
@@ -379,7 +391,9 @@ def model_result(name, model, history, data=None, tta=None):
     ``cnn_train.History``); with ``data`` (a ``cnn_data.Dataset``) also its test
     accuracy, classification report and class probabilities (N, K) on
     ``data.x_test``, ``data.y_test`` (predicted once, with test-time augmentation
-    ``tta``, see ``Sequential.predict_proba``)."""
+    ``tta``, see ``Sequential.predict_proba``); with a ``tta`` also the validation
+    accuracy with it, so that what the augmentation adds is measured on the
+    validation split (``val_acc`` is the plain one)."""
     h = history.as_dict() if hasattr(history, "as_dict") else history
     result = Result(name=name, params=model.num_params(), epochs=len(h["seconds"]),
                     seconds=float(np.median(h["seconds"])), curve=list(h["val_acc"]),
@@ -389,6 +403,9 @@ def model_result(name, model, history, data=None, tta=None):
         result.report = E.classification_report(data.y_test, result.proba.argmax(axis=1),
                                                  class_names=data.class_names)
         result.accuracy = result.report["accuracy"]
+        if tta is not None:
+            result.tta = tta
+            result.val_acc_tta = T.evaluate(model, data.x_val, data.y_val, batch_size=500, tta=tta)[1]
     return result
 
 
@@ -434,6 +451,9 @@ def run_sentence(result, name, target=None, how=""):
     and recall instead: "... (target 90 %: **met**; one run) after 10 epochs of
     150 s (25.0 minutes of training). Macro precision 0.912, recall 0.912."."""
     head = f"**{name} test accuracy: {result.accuracy:.2%}**" + (f" {how}" if how else "")
+    if result.tta is not None:
+        head += (f" with test-time augmentation (the mean logits of {M.TTA_VIEWS[result.tta]}; validation "
+                 f"accuracy {result.val_acc:.2%} without it, {result.val_acc_tta:.2%} with it)")
     if target is None:
         return MarkdownText(f"{head} ({result.epochs} epochs of {result.seconds:.0f} s).")
     macro = result.report["macro"]

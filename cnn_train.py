@@ -168,7 +168,11 @@ def cosine_schedule(lr, epochs, lr_min=0.0):
     lr = _check_number("cosine_schedule", "lr", lr)
     epochs = _check_positive_int("cosine_schedule", "epochs", epochs)
     lr_min = _check_number("cosine_schedule", "lr_min", lr_min, strict=False)
-    return lambda epoch: lr_min + (lr - lr_min) * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+
+    def schedule(epoch):
+        return lr_min + (lr - lr_min) * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+    schedule.settings = dict(lr=lr, epochs=epochs, lr_min=lr_min)     # recorded with a saved run
+    return schedule
 
 
 def warmup_linear_schedule(lr, epochs, warmup=0.2):
@@ -190,7 +194,7 @@ def warmup_linear_schedule(lr, epochs, warmup=0.2):
 
     def schedule(t):
         return lr * t / peak if t < peak else lr * max(0.0, epochs - t) / (epochs - peak)
-    schedule.per_step = True
+    schedule.per_step, schedule.settings = True, dict(lr=lr, epochs=epochs, warmup=warmup)
     return schedule
 
 
@@ -285,6 +289,7 @@ def augmentation(crop=0, flip=False):
         if crop:
             x = random_crop(x, rng, crop)
         return random_flip(x, rng) if flip else x
+    augment.settings = dict(crop=crop, flip=flip)                      # recorded with a saved run
     return augment
 
 

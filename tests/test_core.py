@@ -404,6 +404,18 @@ def test_maxpool_backward_on_channels_last_tiles_matches_the_loop_with_and_witho
         assert dx.dtype == dtype and np.moveaxis(dx, 1, -1).flags.c_contiguous
 
 
+def test_maxpool_backward_does_not_take_the_one_pass_path_when_a_nan_window_hides_a_tie():
+    # One window holds a NaN (no hit) and another a tie (two hits): the count of hits is still one
+    # per window, but the tie must give its gradient to the first maximum only.
+    x = np.zeros((1, 1, 2, 4))
+    x[0, 0, :, :2] = [[1.0, 1.0], [0.0, 0.0]]          # window 0: a tie of two 1s
+    x[0, 0, 0, 2] = np.nan                              # window 1: NaN, its maximum matches nothing
+    pool = L.MaxPool2D(2)
+    pool.forward(channels_last_view(x))
+    dx = pool.backward(channels_last_view(np.ones((1, 1, 1, 2))))
+    np.testing.assert_array_equal(dx[0, 0, :, :2], [[1, 0], [0, 0]])
+
+
 def test_pad_adds_a_zero_border_or_returns_x_itself():
     x = np.random.default_rng(40).standard_normal((2, 3, 4, 5))
     np.testing.assert_array_equal(C._pad(x, (1, 2)), np.pad(x, ((0, 0), (0, 0), (1, 1), (2, 2))))

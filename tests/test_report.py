@@ -120,7 +120,8 @@ def test_train_or_load_refuses_a_saved_run_of_another_network(tmp_path):
 
 @pytest.mark.parametrize("changed", [
     dict(epochs=2), dict(optimizer=T.Adam(1e-3)), dict(optimizer=T.SGD(1e-2)), dict(batch_size=4),
-    dict(label_smoothing=0.1), dict(seed=1)])
+    dict(label_smoothing=0.1), dict(seed=1), dict(augment=T.augmentation(crop=1)),
+    dict(schedule=T.cosine_schedule(1e-2, 1, lr_min=1e-3))])
 def test_train_or_load_refuses_a_saved_run_trained_with_other_settings(tmp_path, changed):
     data = toy_data()
     def asked():
@@ -544,3 +545,23 @@ def test_study_record_is_notebook_3s_experiments_json():
     assert R.study_record(study) == {"baseline": {"val_acc": [0.9, 0.95], "params": 10, "seconds": 4.5},
                                      "kernel 5x5": {"val_acc": [0.85], "params": 20, "seconds": 6.0}}
     assert list(R.study_record(study)) == ["baseline", "kernel 5x5"]
+
+
+def test_model_result_with_tta_also_measures_it_on_the_validation_split():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((30, 1, 6, 6)).astype(np.float32)
+    y = rng.integers(0, 3, 30)
+    data = D.Dataset(x[:10], y[:10], x[10:20], y[10:20], x[20:], y[20:], ["a", "b", "c"])
+    history = {"seconds": [1.0, 1.2], "val_acc": [0.4, 0.5]}
+    plain = R.model_result("plain", toy_model(), history, data)
+    assert plain.val_acc_tta is None and "validation with TTA" not in R.seed_runs_table([plain])
+    shifted = R.model_result("shift", toy_model(), history, data, tta="shift")
+    assert shifted.val_acc_tta == T.evaluate(toy_model(), data.x_val, data.y_val, tta="shift")[1]
+    np.testing.assert_allclose(shifted.proba, toy_model().predict_proba(data.x_test, tta="shift"))
+    header, _, row = str(R.seed_runs_table([shifted])).splitlines()
+    assert "| validation accuracy | validation with TTA | test accuracy |" in header
+    assert f"| 50.00% | {shifted.val_acc_tta:.2%} | {shifted.accuracy:.2%} |" in row
+    assert (f"with test-time augmentation (the mean logits of the image and its four one-pixel shifts; validation "
+            f"accuracy 50.00% without it, {shifted.val_acc_tta:.2%} with it)") in R.run_sentence(shifted, "toy")
+    assert "test-time" not in R.run_sentence(plain, "toy")
+
