@@ -449,18 +449,20 @@ def run_sentence(result, name, target=None, how=""):
     accuracy: 91.23%** <how> (10 epochs of 150 s)." With a ``target`` (a fraction),
     the ``target_verdict`` for one run, the training minutes and the macro precision
     and recall instead: "... (target 90 %: **met**; one run) after 10 epochs of
-    150 s (25.0 minutes of training). Macro precision 0.912, recall 0.912."."""
+    150 s (25.0 minutes of training). Macro precision 0.912, recall 0.912.". A run
+    scored with test-time augmentation (``result.tta``) ends with a sentence naming
+    it and the validation accuracy without and with it."""
     head = f"**{name} test accuracy: {result.accuracy:.2%}**" + (f" {how}" if how else "")
-    if result.tta is not None:
-        head += (f" with test-time augmentation (the mean logits of {M.TTA_VIEWS[result.tta]}; validation "
-                 f"accuracy {result.val_acc:.2%} without it, {result.val_acc_tta:.2%} with it)")
+    tta = ("" if result.tta is None else f" Scored with test-time augmentation, the mean logits of "
+           f"{M.TTA_VIEWS[result.tta]} (validation accuracy {result.val_acc:.2%} without it, "
+           f"{result.val_acc_tta:.2%} with it).")
     if target is None:
-        return MarkdownText(f"{head} ({result.epochs} epochs of {result.seconds:.0f} s).")
+        return MarkdownText(f"{head} ({result.epochs} epochs of {result.seconds:.0f} s).{tta}")
     macro = result.report["macro"]
     return MarkdownText(
         f"{head} ({target_verdict(result.accuracy, target)}; one run) after {result.epochs} epochs of "
         f"{result.seconds:.0f} s ({result.train_seconds / 60:.1f} minutes of training). "
-        f"Macro precision {macro['precision']:.3f}, recall {macro['recall']:.3f}.")
+        f"Macro precision {macro['precision']:.3f}, recall {macro['recall']:.3f}.{tta}")
 
 
 def target_sentence(name, accuracy, target):

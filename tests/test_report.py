@@ -561,7 +561,8 @@ def test_model_result_with_tta_also_measures_it_on_the_validation_split():
     header, _, row = str(R.seed_runs_table([shifted])).splitlines()
     assert "| validation accuracy | validation with TTA | test accuracy |" in header
     assert f"| 50.00% | {shifted.val_acc_tta:.2%} | {shifted.accuracy:.2%} |" in row
-    assert (f"with test-time augmentation (the mean logits of the image and its four one-pixel shifts; validation "
-            f"accuracy 50.00% without it, {shifted.val_acc_tta:.2%} with it)") in R.run_sentence(shifted, "toy")
+    assert R.run_sentence(shifted, "toy").endswith(
+        f"(2 epochs of 1 s). Scored with test-time augmentation, the mean logits of the image and its four "
+        f"one-pixel shifts (validation accuracy 50.00% without it, {shifted.val_acc_tta:.2%} with it).")
     assert "test-time" not in R.run_sentence(plain, "toy")
 
