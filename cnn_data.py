@@ -15,11 +15,13 @@ tried, the cause, and how to use CNN_DATA_MIRROR. Downloads are written to a hid
 `.<filename>.<random>.tmp` file next to the target and renamed once verified; one left by a
 killed process is deleted by the next fetch of that file (after STALE_AFTER seconds).
 """
+import colorsys
 import contextlib
 import dataclasses
 import gzip
 import hashlib
 import http.client
+import io
 import os
 import pickle
 import re
@@ -124,6 +126,13 @@ def _progress_bar(**tqdm_kwargs):
     except ImportError:
         return contextlib.nullcontext(types.SimpleNamespace(update=lambda n=1: None))
     return tqdm(**tqdm_kwargs)
+
+
+def live_progress_bar():
+    """tqdm's bar class with an ETA for ``cnn_train.fit(progress=...)``: a widget in
+    Jupyter, a text line in a terminal (``tqdm.auto``)."""
+    from tqdm.auto import tqdm
+    return tqdm
 
 
 def _verify(path, checksum, name):
@@ -418,3 +427,67 @@ def load_cifar10(normalize="unit", validation_size=5000, seed=0, dtype=np.float3
     path = _fetch_known("cifar10", "cifar-10-python.tar.gz", data_dir)
     return _make_dataset(*_read_cifar10_tar(path), normalize, validation_size, seed, dtype)
 
+
+# ---------------------------------------------------------------------------
+# Image files: decoding (for cnn_images' folders) and drawing the example images
+# (Pillow, imported only when an image is decoded or drawn)
+# ---------------------------------------------------------------------------
+
+def _to_rgb(image):
+    """Any Pillow image -> mode RGB: 16-bit and 32-bit grey scaled (not clipped) to 8 bits, float
+    grey taken as 0..1, transparent pixels composited over white, CMYK/palette/grey converted."""
+    from PIL import Image
+    if image.mode.startswith("I"):             # "I;16", "I;16B" (16-bit PNG, TIFF, PGM) and "I" (32-bit)
+        x = np.clip(np.asarray(image).astype(np.int64), 0, 65535)    # 0..65535 -> 0..255, rounded
+        image = Image.fromarray(((x * 255 + 32767) // 65535).astype(np.uint8))
+    elif image.mode == "F":
+        image = Image.fromarray(np.round(np.clip(np.asarray(image), 0, 1) * 255).astype(np.uint8))
+    if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
+        # Dropping alpha would show whatever colour the invisible pixels happen to store.
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def decode_image(data, size):
+    """Image bytes (any format Pillow reads) -> uint8 RGB (H, W, 3), turned upright by its EXIF
+    orientation and resized to size=(h, w) (bilinear) if given; ``cnn_images`` decodes folders with it."""
+    from PIL import Image, ImageOps
+    with Image.open(io.BytesIO(data)) as image:
+        if size is not None:
+            image.draft(None, (2 * size[1], 2 * size[0]))     # JPEG: decode at 1/2, 1/4, 1/8 if still >= 2x
+        if image.getexif().get(0x0112, 1) != 1:               # EXIF orientation: phone photos lie on their side
+            image = ImageOps.exif_transpose(image)
+        image = _to_rgb(image)
+        if size is not None and image.size != (size[1], size[0]):
+            image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)    # PIL wants (width, height)
+        return np.asarray(image)
+
+
+EXAMPLE_SHAPES = ("circle", "square", "triangle", "cross")
+
+
+def example_image(label, num_classes, size, rng):
+    """A shape (EXAMPLE_SHAPES[label % 4]) of a class-dependent hue (label / num_classes, give
+    or take 0.05) at a random place, size and brightness on a noisy background of random colour:
+    learnable, but not from any one pixel."""
+    from PIL import Image, ImageDraw
+    background = rng.integers(60, 200, size=3)
+    pixels = np.clip(background + rng.normal(0, 20, size=(size, size, 3)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    hue = label / num_classes + rng.uniform(-0.05, 0.05)
+    colour = tuple(int(255 * c) for c in colorsys.hsv_to_rgb(hue % 1, 0.9, rng.uniform(0.6, 1.0)))
+    r = rng.uniform(0.2, 0.35) * size
+    cx, cy = rng.uniform(r, size - r, size=2)
+    box = (cx - r, cy - r, cx + r, cy + r)
+    draw, shape = ImageDraw.Draw(image), EXAMPLE_SHAPES[label % len(EXAMPLE_SHAPES)]
+    if shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape == "square":
+        draw.rectangle(box, fill=colour)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+    else:
+        draw.rectangle((cx - r, cy - r / 3, cx + r, cy + r / 3), fill=colour)
+        draw.rectangle((cx - r / 3, cy - r, cx + r / 3, cy + r), fill=colour)
+    return image

@@ -36,46 +36,15 @@ from pathlib import Path
 import numpy as np
 
 import cnn_data as D
-from cnn_data import DatasetError
+from cnn_data import EXAMPLE_SHAPES, DatasetError  # noqa: F401 (EXAMPLE_SHAPES re-exported)
 from cnn_files import atomic_write, save_bytes
 from cnn_layouts import IMAGE_EXTENSIONS, SPLIT_NAMES, TEST_FRACTION, _open_source, _plan  # noqa: F401 (re-exported)
 
 AUTO_UINT8_BYTES = 1 << 30     # dtype="auto": keep uint8 when float32 arrays would take more than 1 GiB
-RESIZE_FILTER = "bilinear"     # Pillow's, which averages over the footprint when shrinking (no aliasing)
 CACHE_VERSION = 2          # part of the cache key: bump when decoding changes
 
 
-# ---------------------------------------------------------------- decoding
-
-def _to_rgb(image):
-    """Any Pillow image -> mode RGB: 16-bit and 32-bit grey scaled (not clipped) to 8 bits, float
-    grey taken as 0..1, transparent pixels composited over white, CMYK/palette/grey converted."""
-    from PIL import Image
-    if image.mode.startswith("I"):             # "I;16", "I;16B" (16-bit PNG, TIFF, PGM) and "I" (32-bit)
-        x = np.clip(np.asarray(image).astype(np.int64), 0, 65535)    # 0..65535 -> 0..255, rounded
-        image = Image.fromarray(((x * 255 + 32767) // 65535).astype(np.uint8))
-    elif image.mode == "F":
-        image = Image.fromarray(np.round(np.clip(np.asarray(image), 0, 1) * 255).astype(np.uint8))
-    if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
-        # Dropping alpha would show whatever colour the invisible pixels happen to store.
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def _decode_image(data, size):
-    """Image bytes -> uint8 RGB (H, W, 3), resized to size=(h, w) (bilinear) if given."""
-    from PIL import Image, ImageOps
-    with Image.open(io.BytesIO(data)) as image:
-        if size is not None:
-            image.draft(None, (2 * size[1], 2 * size[0]))     # JPEG: decode at 1/2, 1/4, 1/8 if still >= 2x
-        if image.getexif().get(0x0112, 1) != 1:               # EXIF orientation: phone photos lie on their side
-            image = ImageOps.exif_transpose(image)
-        image = _to_rgb(image)
-        if size is not None and image.size != (size[1], size[0]):
-            image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)    # PIL wants (width, height)
-        return np.asarray(image)
-
+# ---------------------------------------------------------------- decoding (cnn_data.decode_image)
 
 def _decode(source, plan, size, where, unreadable):
     """Decode every planned image straight into preallocated uint8 arrays x[split] (N, 3, H, W)
@@ -87,7 +56,7 @@ def _decode(source, plan, size, where, unreadable):
         for name, data in source.read_all(list(slots)):
             split, i = slots[name]
             try:
-                image = _decode_image(data, size)
+                image = D.decode_image(data, size)
             except Exception as exc:                  # any failure inside Pillow: report the file, go on
                 bad[split].append((i, f"{name} ({type(exc).__name__}: {exc})"))
                 continue
@@ -381,36 +350,6 @@ def load_cifar10_jpeg(validation_size=5000, data_dir=None, **kwargs):
     return load_image_folder(path, validation_size=validation_size, data_dir=data_dir, **kwargs)
 
 
-EXAMPLE_SHAPES = ("circle", "square", "triangle", "cross")
-
-
-def _example_image(label, num_classes, size, rng):
-    """A shape (EXAMPLE_SHAPES[label % 4]) of a class-dependent hue (label / num_classes, give
-    or take 0.05) at a random place, size and brightness on a noisy background of random colour:
-    learnable, but not from any one pixel."""
-    from PIL import Image, ImageDraw
-    import colorsys
-    background = rng.integers(60, 200, size=3)
-    pixels = np.clip(background + rng.normal(0, 20, size=(size, size, 3)), 0, 255).astype(np.uint8)
-    image = Image.fromarray(pixels)
-    hue = label / num_classes + rng.uniform(-0.05, 0.05)
-    colour = tuple(int(255 * c) for c in colorsys.hsv_to_rgb(hue % 1, 0.9, rng.uniform(0.6, 1.0)))
-    r = rng.uniform(0.2, 0.35) * size
-    cx, cy = rng.uniform(r, size - r, size=2)
-    box = (cx - r, cy - r, cx + r, cy + r)
-    draw, shape = ImageDraw.Draw(image), EXAMPLE_SHAPES[label % len(EXAMPLE_SHAPES)]
-    if shape == "circle":
-        draw.ellipse(box, fill=colour)
-    elif shape == "square":
-        draw.rectangle(box, fill=colour)
-    elif shape == "triangle":
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
-    else:
-        draw.rectangle((cx - r, cy - r / 3, cx + r, cy + r / 3), fill=colour)
-        draw.rectangle((cx - r / 3, cy - r, cx + r / 3, cy + r), fill=colour)
-    return image
-
-
 def make_example_folder(path, layout="flat", num_classes=4, per_class=40, test_per_class=10, size=32,
                         image_format="png", seed=0):
     """Write a small synthetic image set to the folder ``path`` and return ``path``: a stand-in
@@ -431,7 +370,7 @@ def make_example_folder(path, layout="flat", num_classes=4, per_class=40, test_p
 
     def save(label, target):
         with atomic_write(target) as f:
-            _example_image(label, num_classes, size, rng).save(f, format=pillow_format)
+            D.example_image(label, num_classes, size, rng).save(f, format=pillow_format)
 
     val_lines = []
     for k in range(num_classes):

@@ -9,6 +9,7 @@ in Jupyter end a cell with ``;`` so the returned Figure is not shown twice.
 """
 import functools
 import sys
+from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -56,6 +57,13 @@ def _finish(fig, path):
     if path is not None:
         save_figure(fig, path)
     return fig
+
+
+def show(obj, metadata=None):
+    """Show ``obj`` in a notebook (IPython's ``display``) with output ``metadata``: a
+    Figure or any displayable as it is, a path (str or Path) as the PNG image it names."""
+    from IPython.display import Image, display      # only when a notebook shows something
+    display(Image(filename=str(obj)) if isinstance(obj, (str, Path)) else obj, metadata=metadata)
 
 
 def close(fig):

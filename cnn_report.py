@@ -141,8 +141,8 @@ FLOAT_KEY = "cnn_report"
 
 
 def _display(obj, metadata=None):
-    from IPython.display import display        # imported when a notebook shows something
-    display(obj, metadata=metadata)
+    import cnn_plots as P              # matplotlib and IPython only once a notebook shows something
+    P.show(obj, metadata)
 
 
 def _caption_line(kind, caption):
@@ -166,12 +166,7 @@ def figure(fig, caption, label=None):
     The Figure is closed after it is shown, so Jupyter does not show it twice.
     """
     _check_caption("figure", caption, label)
-    if isinstance(fig, (str, Path)):
-        from IPython.display import Image
-        shown = Image(filename=str(fig))
-    else:
-        shown = fig
-    _display(shown, metadata={FLOAT_KEY: {"float": "figure", "caption": caption, "label": label}})
+    _display(fig, metadata={FLOAT_KEY: {"float": "figure", "caption": caption, "label": label}})
     if not isinstance(fig, (str, Path)):
         import cnn_plots as P           # matplotlib only once there is a Figure to close
         P.close(fig)
@@ -266,16 +261,11 @@ def load_cifar10():
 # Training that reuses finished runs
 # ---------------------------------------------------------------------------
 
-def _live_progress_bar():
-    """tqdm's bar with an ETA: a widget in Jupyter, a text line in a terminal."""
-    from tqdm.auto import tqdm        # imported only when a bar is wanted
-    return tqdm
-
-
 def progress_bar(enabled):
     """What to pass as ``cnn_train.fit(progress=...)``: tqdm's live bar with an
-    ETA when ``enabled`` (Jupyter), otherwise False (the PDF keeps the per-epoch lines)."""
-    return _live_progress_bar() if enabled else False
+    ETA when ``enabled`` (``cnn_data.live_progress_bar``: a widget in Jupyter), otherwise
+    False (the PDF keeps the per-epoch lines)."""
+    return D.live_progress_bar() if enabled else False
 
 
 def run_settings(optimizer, epochs, fit_kwargs):
@@ -345,7 +335,7 @@ def train_or_load(runs, name, model, data, optimizer, epochs, progress=False, **
     checkpoint = runs / f"{slug}.checkpoint.npz"
     history = T.fit(model, data.x_train, data.y_train, optimizer, epochs,
                     validation=(data.x_val, data.y_val), checkpoint=checkpoint,
-                    progress=_live_progress_bar() if progress else False, **fit_kwargs).as_dict()
+                    progress=progress_bar(progress), **fit_kwargs).as_dict()
     model.save(model_path)
     F.save_json(history_path, {**history, "settings": settings})
     checkpoint.unlink(missing_ok=True)          # none when fit had no epoch to run

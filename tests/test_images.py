@@ -133,12 +133,12 @@ def test_image_folder_resize_and_mixed_sizes(tmp_path):
 @pytest.fixture
 def count_decodes(monkeypatch):
     """The number of images decoded so far (a list holding one counter)."""
-    calls, decode = [0], I._decode_image
+    calls, decode = [0], D.decode_image
 
     def counting(*args):
         calls[0] += 1
         return decode(*args)
-    monkeypatch.setattr(I, "_decode_image", counting)
+    monkeypatch.setattr(D, "decode_image", counting)
     return calls
 
 
@@ -310,7 +310,7 @@ def test_generated_example_folders_load_in_every_layout(tmp_path, layout):
 # ---------------------------------------------------------------- image modes and formats
 
 def decode(data):
-    return I._decode_image(data, None)
+    return D.decode_image(data, None)
 
 
 def test_sixteen_bit_png_is_scaled_to_eight_bits_not_clipped():

@@ -76,6 +76,13 @@ def test_the_data_modules_import_tqdm_and_pillow_only_lazily(module):
     assert imported_modules("import numpy\ndef f():\n    import PIL", module_level_only=True) == {"numpy"}
 
 
+@pytest.mark.parametrize("module", ["cnn_images", "cnn_report", "cnn_speed"])
+def test_image_folders_and_report_helpers_leave_pillow_ipython_tqdm_and_matplotlib_to_data_and_plots(module):
+    # Decoding and drawing images belong in cnn_data, showing and plotting in cnn_plots.
+    project = set(MATHS_MODULES) | {"cnn_data", "cnn_layouts", "cnn_images", "cnn_plots", "cnn_report"}
+    assert not imported_modules((ROOT / f"{module}.py").read_text()) - ALLOWED - project
+
+
 def test_the_readme_quotes_report_json():
     """The README's results table is report.json's (R.tasks_table), nothing typed by hand."""
     report = ROOT / "report.json"
