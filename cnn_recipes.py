@@ -96,6 +96,15 @@ def _settings(where, defaults, changes):
     return {**defaults, **changes}
 
 
+def _fit_kwargs(r, seed, schedule, **more):
+    """``fit``'s keywords from settings ``r``: its epochs and batch size, ``seed``, the
+    per-epoch or per-step ``schedule`` ("cosine": ``lr`` down to ``lr_min``; "warmup":
+    ``warmup_linear_schedule`` with ``warmup``) and ``more``."""
+    make = {"cosine": lambda: cosine_schedule(r["lr"], r["epochs"], lr_min=r["lr_min"]),
+            "warmup": lambda: warmup_linear_schedule(r["lr"], r["epochs"], warmup=r["warmup"])}[schedule]
+    return dict(epochs=r["epochs"], batch_size=r["batch_size"], seed=seed, schedule=make(), **more)
+
+
 def _nesterov(r):
     return SGD(r["lr"], momentum=r["momentum"], nesterov=True, weight_decay=r["weight_decay"])
 
@@ -109,9 +118,8 @@ def mnist_recipe(seed=0, **changes):
     decay, a per-step ``warmup_linear_schedule``, label smoothing, weight
     averaging (``ema``) and random shifts; the values are ``MNIST_RECIPE``."""
     r = _settings("mnist_recipe", MNIST_RECIPE, changes)
-    kwargs = dict(epochs=r["epochs"], batch_size=r["batch_size"], seed=seed,
-                  schedule=warmup_linear_schedule(r["lr"], r["epochs"], warmup=r["warmup"]),
-                  augment=augmentation(crop=r["shift"]), label_smoothing=r["label_smoothing"], ema=r["ema"])
+    kwargs = _fit_kwargs(r, seed, "warmup", augment=augmentation(crop=r["shift"]),
+                         label_smoothing=r["label_smoothing"], ema=r["ema"])
     return mnist_net_v2(seed=seed), _nesterov(r), kwargs
 
 
@@ -129,10 +137,9 @@ def cifar_recipe(x_train, seed=0, **changes):
         whiten = x_train[np.sort(pick)]
     model = cifar_net(widths=r["widths"], whiten=whiten, seed=seed, input_size=x_train.shape[-1],
                       in_channels=x_train.shape[1])
-    kwargs = dict(epochs=r["epochs"], batch_size=r["batch_size"], seed=seed,
-                  schedule=warmup_linear_schedule(r["lr"], r["epochs"], warmup=r["warmup"]),
-                  augment=augmentation(crop=r["shift"], flip=r["flip"]) if r["shift"] or r["flip"] else None,
-                  label_smoothing=r["label_smoothing"], ema=r["ema"] or None)
+    kwargs = _fit_kwargs(r, seed, "warmup",
+                         augment=augmentation(crop=r["shift"], flip=r["flip"]) if r["shift"] or r["flip"] else None,
+                         label_smoothing=r["label_smoothing"], ema=r["ema"] or None)
     return model, _nesterov(r), kwargs
 
 
@@ -147,8 +154,7 @@ def tta(task):
 def _rows_gru(where, defaults, model, seed, changes):
     """(model, Adam, fit_kwargs with cosine decay and clipping) from a rows-GRU settings dict."""
     r = _settings(where, defaults, changes)
-    kwargs = dict(epochs=r["epochs"], batch_size=r["batch_size"], seed=seed, clip_norm=r["clip_norm"],
-                  schedule=cosine_schedule(r["lr"], r["epochs"], lr_min=r["lr_min"]))
+    kwargs = _fit_kwargs(r, seed, "cosine", clip_norm=r["clip_norm"])
     return model, Adam(r["lr"]), kwargs
 
 
@@ -177,9 +183,7 @@ def rows_conv1d_recipe(seed=0, **changes):
     epoch, random shifts and flips: (model, optimizer, fit_kwargs) with
     ``ROWS_CONV1D_RECIPE``'s values."""
     r = _settings("rows_conv1d_recipe", ROWS_CONV1D_RECIPE, changes)
-    kwargs = dict(epochs=r["epochs"], batch_size=r["batch_size"], seed=seed,
-                  schedule=cosine_schedule(r["lr"], r["epochs"], lr_min=r["lr_min"]),
-                  augment=augmentation(crop=r["shift"], flip=r["flip"]))
+    kwargs = _fit_kwargs(r, seed, "cosine", augment=augmentation(crop=r["shift"], flip=r["flip"]))
     return cifar_rows_conv1d(seed=seed), _nesterov(r), kwargs
 
 
@@ -188,9 +192,7 @@ def mlp_recipe(seed=0, **changes):
     cosine decay per epoch, random shifts and flips: (model, optimizer, fit_kwargs)
     with ``MLP_RECIPE``'s values."""
     r = _settings("mlp_recipe", MLP_RECIPE, changes)
-    kwargs = dict(epochs=r["epochs"], batch_size=r["batch_size"], seed=seed,
-                  schedule=cosine_schedule(r["lr"], r["epochs"], lr_min=r["lr_min"]),
-                  augment=augmentation(crop=r["shift"], flip=r["flip"]))
+    kwargs = _fit_kwargs(r, seed, "cosine", augment=augmentation(crop=r["shift"], flip=r["flip"]))
     return mlp(seed=seed), Adam(r["lr"]), kwargs
 
 
