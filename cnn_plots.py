@@ -60,10 +60,16 @@ def _finish(fig, path):
 
 
 def show(obj, metadata=None):
-    """Show ``obj`` in a notebook (IPython's ``display``) with output ``metadata``: a
-    Figure or any displayable as it is, a path (str or Path) as the PNG image it names."""
-    from IPython.display import Image, display      # only when a notebook shows something
-    display(Image(filename=str(obj)) if isinstance(obj, (str, Path)) else obj, metadata=metadata)
+    """Show ``obj`` (a Figure, Markdown text, ``png(path)``, ...) in a notebook with
+    output ``metadata`` (IPython's ``display``, imported only when something is shown)."""
+    from IPython.display import display
+    display(obj, metadata=metadata)
+
+
+def png(path):
+    """The PNG file at ``path`` as something ``show`` displays (IPython's ``Image``)."""
+    from IPython.display import Image
+    return Image(filename=str(path))
 
 
 def close(fig):

@@ -166,9 +166,11 @@ def figure(fig, caption, label=None):
     The Figure is closed after it is shown, so Jupyter does not show it twice.
     """
     _check_caption("figure", caption, label)
-    _display(fig, metadata={FLOAT_KEY: {"float": "figure", "caption": caption, "label": label}})
-    if not isinstance(fig, (str, Path)):
-        import cnn_plots as P           # matplotlib only once there is a Figure to close
+    import cnn_plots as P               # matplotlib and IPython only once a notebook shows something
+    is_file = isinstance(fig, (str, Path))
+    _display(P.png(fig) if is_file else fig, metadata={FLOAT_KEY: {"float": "figure", "caption": caption,
+                                                                   "label": label}})
+    if not is_file:
         P.close(fig)
     _display(_caption_line("figure", caption), metadata={FLOAT_KEY: {"caption_text": True}})
 

@@ -330,3 +330,19 @@ def test_activations_after_are_the_outputs_of_the_layers_of_one_type():
     assert len(relus) == 4 and all(np.array_equal(a, b) for a, b in zip(relus, expected, strict=True))
     assert [a.shape for a in relus[:2]] == [(2, 4, 14, 14), (2, 6, 7, 7)]
     assert [a.shape for a in P.activations_after(model, x, L.Conv2D)] == [(2, 4, 28, 28), (2, 6, 14, 14), (2, 6, 7, 7)]
+
+
+def test_show_displays_the_object_itself_and_png_wraps_a_file(monkeypatch, tmp_path):
+    import IPython.display
+    import cnn_report as R
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda obj, metadata=None: shown.append((obj, metadata)))
+    text = R.MarkdownText("| a |\n|---|\n| 1 |")          # a str: must not be taken for a file name
+    P.show(text, {"k": 1})
+    assert shown == [(text, {"k": 1})]
+    path = tmp_path / "f.png"
+    fig = plt.figure(figsize=(1, 1))
+    fig.savefig(path)
+    plt.close(fig)
+    assert isinstance(P.png(path), IPython.display.Image) and P.png(str(path)).data == path.read_bytes()
+

@@ -566,3 +566,19 @@ def test_model_result_with_tta_also_measures_it_on_the_validation_split():
         f"one-pixel shifts (validation accuracy 50.00% without it, {shifted.val_acc_tta:.2%} with it).")
     assert "test-time" not in R.run_sentence(plain, "toy")
 
+
+
+def test_table_and_figure_reach_ipython_display_as_markdown_and_image(monkeypatch, tmp_path):
+    # Through the real R._display -> P.show path: a Markdown table (a str) is shown as text,
+    # never taken for a file name; a PNG path is shown as an image.
+    import IPython.display
+    import matplotlib.pyplot as plt
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda obj, metadata=None: shown.append(obj))
+    R.table(R.markdown_table(["a"], [[0.0]]), "Caption.")
+    assert shown[0] == "| a |\n|---|\n| 0.0 |"
+    fig = plt.figure(figsize=(1, 1))
+    fig.savefig(tmp_path / "f.png")
+    plt.close(fig)
+    R.figure(tmp_path / "f.png", "A picture.")
+    assert isinstance(shown[2], IPython.display.Image)
