@@ -2,9 +2,8 @@
 
 For each layer the *loop* version that mirrors the equation sits next to the
 *vectorized* version that computes the same thing fast: convolution, max and
-average pooling, dense, batch normalisation, and the softmax. Section 1 holds
-the input checks and the helpers the layers share, section 2 the layer maths,
-equation first, then ``*_loop`` and ``*_vectorized``.
+average pooling, dense, batch normalisation, and the softmax. Section 1: input
+checks and shared helpers; section 2: equation, ``*_loop``, ``*_vectorized``.
 
 Conventions
 -----------
@@ -57,11 +56,6 @@ def check_input(x, layer, layout=None, channels=None):
 def output_size(size, kernel, stride, padding):
     """Length of a conv/pool output along one axis: floor((size + 2p - k) / s) + 1."""
     return (size + 2 * padding - kernel) // stride + 1
-
-
-def _pad(x, padding, axes=(2, 3)):
-    """Zero-pad two ``axes`` by ``padding = (ph, pw)`` on both sides (x itself: none)."""
-    return _padded(x, padding, None, "", axes)
 
 
 def _offset(p, out_size, stride):
@@ -137,8 +131,8 @@ def _column_reduce(spec, *matrices, block=1024):
 
 
 def _scale_shift(X, scale, shift):
-    """X * scale + shift for per-column (C,) vectors, in chunks of rows that stay
-    in the L2 cache (so the second operation costs almost nothing)."""
+    """X * scale + shift for per-column (C,) vectors, in chunks of rows that stay in
+    the L2 cache (the second operation costs almost nothing)."""
     out = np.empty_like(X)
     Xw, ow, scale, shift = _widen((X, out), (scale, shift))
     for rows in _row_chunks(Xw):
@@ -170,14 +164,11 @@ def _widen(matrices, vectors):
 
 
 class Workspace:
-    """Scratch arrays a layer reuses from one batch to the next, by name (a large
-    new array costs fresh pages zeroed on first touch: about one more fill).
-
-    ``get`` hands back the same array while shape and dtype stay the same; one made
-    with ``zeros=True`` stays zero wherever the caller never writes (a padded image's
-    border is written once). ``scratch`` serves temporaries whose size varies (im2col
-    blocks). A layer's cache may point into its workspace until its next forward pass.
-    """
+    """Scratch arrays a layer reuses from one batch to the next, by name (a large new
+    array costs fresh pages zeroed on first touch: about one more fill). ``get``: the
+    same array while shape and dtype stay (``zeros=True``: zero wherever never written,
+    such as a padded border); ``scratch``: temporaries whose size varies (im2col blocks).
+    A layer's cache may point into its workspace until its next forward pass."""
 
     def __init__(self):
         self._arrays = {}
@@ -211,10 +202,9 @@ CHUNK_BYTES = 1 << 21
 
 
 def _padded(x, padding, work, name, axes=(1, 2)):
-    """x zero-padded by ``padding`` = (ph, pw) along its two spatial ``axes``
-    (negative: cropped), as a workspace array whose border is never written
-    (so it stays zero; a new array for ``work=None``), or a view of x when
-    there is nothing to pad."""
+    """x zero-padded by ``padding`` = (ph, pw) along two ``axes`` (negative: cropped),
+    in a workspace array whose border is never written (a new one for ``work=None``),
+    or a view of x when there is nothing to pad."""
     index = [slice(None)] * x.ndim
     for axis, p in zip(axes, padding):
         if p < 0:
@@ -232,10 +222,14 @@ def _padded(x, padding, work, name, axes=(1, 2)):
     return xp
 
 
+def _pad(x, padding, axes=(2, 3)):
+    """Zero-pad two ``axes`` by ``padding = (ph, pw)`` on both sides (x itself: none)."""
+    return _padded(x, padding, None, "", axes)
+
+
 def _windows(xp, kernel, stride, channels_first=False):
-    """Every (kh, kw) window of the padded input as a view (N, OH, OW, kh, kw, C):
-    one window, flattened, is one row of the im2col matrix. xp is channels-last
-    (N, Hp, Wp, C), or channels-first (N, C, Hp, Wp) for ``channels_first``."""
+    """Every (kh, kw) window of the padded input as a view (N, OH, OW, kh, kw, C): one
+    window, flattened, is one im2col row. xp: (N, Hp, Wp, C), or (N, C, Hp, Wp)."""
     sh, sw = stride
     if channels_first:
         return sliding_window_view(xp, kernel, axis=(2, 3))[:, :, ::sh, ::sw].transpose(0, 2, 3, 4, 5, 1)
@@ -243,16 +237,15 @@ def _windows(xp, kernel, stride, channels_first=False):
 
 
 def _filter_matrix(W, channels_first=False):
-    """W (F, C, kh, kw) as the (kh*kw*C, F) matrix that multiplies im2col rows:
-    rows in (p, q, c) order, or (c, p, q) for the channels-first layout."""
+    """W (F, C, kh, kw) as the (kh*kw*C, F) matrix that multiplies im2col rows, rows in
+    (p, q, c) order ((c, p, q) channels-first)."""
     F = W.shape[0]
     return W.reshape(F, -1).T if channels_first else W.transpose(2, 3, 1, 0).reshape(-1, F)
 
 
 def _blocks(windows):
-    """Blocks (n0, n1, r0, r1) of images n0:n1 and output rows r0:r1 whose
-    im2col rows take about CHUNK_BYTES: whole images when one fits, else bands
-    of rows of one image."""
+    """Blocks (n0, n1, r0, r1) of images n0:n1 and output rows r0:r1 whose im2col rows
+    take about CHUNK_BYTES: whole images when one fits, else bands of one image."""
     N, OH = windows.shape[:2]
     rows = max(1, CHUNK_BYTES // (windows[0, 0].size * windows.itemsize))
     if rows >= OH:
@@ -339,10 +332,8 @@ def conv2d_forward_loop(x, W, b, stride=(1, 1), padding=(0, 0)):
 
 
 def conv2d_backward_loop(dout, cache, input_grad=True):
-    """dout: (N, F, OH, OW) -> dx: (N, C, H, W), dW: (F, C, kh, kw), db: (F,).
-
-    dx is None when ``input_grad`` is False (no layer below needs it).
-    """
+    """dout: (N, F, OH, OW) -> dx: (N, C, H, W) (None unless ``input_grad``: no layer
+    below needs it), dW: (F, C, kh, kw), db: (F,)."""
     x, W, (sh, sw), padding = cache
     N, F, OH, OW = dout.shape
     _, _, kh, kw = W.shape
@@ -394,17 +385,14 @@ def conv2d_forward_vectorized(x, W, b, stride=(1, 1), padding=(0, 0), work=None)
 
 
 def conv2d_backward_vectorized(dout, cache, input_grad=True, work=None):
-    """db = column sums of g, where g = dout as an (N*OH*OW, F) matrix (free
-    when dout is channels-last in memory); dW = im2col(x)^T @ g, block by block
-    from the padded input the forward pass kept.
-
-    dx at stride 1 is itself a convolution, of dout padded by (kh - 1 - ph,
-    kw - 1 - pw) with the flipped filters, channels F -> C:
+    """db = column sums of g = dout as an (N*OH*OW, F) matrix (free: channels-last);
+    dW = im2col(x)^T @ g, block by block from the padded input the forward kept.
+    dx at stride 1 is itself a convolution, of dout padded by (kh-1-ph, kw-1-pw)
+    with the flipped filters, channels F -> C:
         dx[y, z] = sum_{p, q, f} gpad[y + p, z + q, f] * W[f, :, kh-1-p, kw-1-q],
-    computed like the forward pass: one im2col (in blocks) and one product
-    with K = kh*kw*F, nothing to scatter. Other strides: dcols = g @ W_mat^T,
-    added back window by window (col2im).
-    """
+    computed like the forward pass (K = kh*kw*F, nothing to scatter; a blocked
+    col2im measured no faster). Other strides: dcols = g @ W_mat^T, added back
+    window by window (col2im)."""
     work = Workspace() if work is None else work
     method, x_shape, xp, W, (sh, sw), (ph, pw) = cache
     N, F, OH, OW = dout.shape
@@ -481,20 +469,13 @@ def maxpool_backward_vectorized(dout, cache):
     """Offset k's slice of dx receives dout where offset k holds the window's
     maximum and no earlier offset does (np.argmax's rule on ties: the first);
     ``taken`` marks the windows an earlier offset already claimed (hit > taken:
-    "hit and not taken"). Windows that tile channels-last x exactly: x viewed
-    as (N, OH, ph, OW, pw, C) and one comparison mark every maximum; with no tie
-    (one hit per window: the count, and NaN-free windows) the mask is the arg-max.
-    """
+    "hit and not taken"). Windows side by side on channels-last x: ``_maxpool_tiles``."""
     x, out, (ph, pw), (sh, sw) = cache
-    (N, C, H, W_in), (OH, OW) = x.shape, dout.shape[2:]
+    if (sh, sw) == (ph, pw) and np.moveaxis(x, 1, -1).flags.c_contiguous:
+        return _maxpool_tiles(x, out, dout, (ph, pw))
+    OH, OW = dout.shape[2:]
     overlapping = sh < ph or sw < pw
-    covered = (sh, sw) == (ph, pw) and (OH * sh, OW * sw) == (H, W_in)
-    if covered and np.moveaxis(x, 1, -1).flags.c_contiguous:
-        hit = channels_last(x).reshape(N, OH, ph, OW, pw, C) == channels_last(out).reshape(N, OH, 1, OW, 1, C)
-        if np.count_nonzero(hit) == out.size and hit.any(axis=(2, 4)).all():
-            dx = np.multiply(hit, channels_last(dout).reshape(N, OH, 1, OW, 1, C), dtype=x.dtype)
-            return channels_first(dx.reshape(N, H, W_in, C))
-    dx = np.empty_like(x) if covered else np.zeros_like(x)   # x's memory order: the next backward stays fast
+    dx = np.zeros_like(x)                      # x's memory order: the next backward stays fast
     taken = None
     for k in range(ph * pw):
         window = (slice(None), slice(None), _offset(k // pw, OH, sh), _offset(k % pw, OW, sw))
@@ -506,6 +487,27 @@ def maxpool_backward_vectorized(dout, cache):
         else:                                  # each pixel is in one window: write, don't add
             np.multiply(dout, first, out=dx[window])
     return dx
+
+
+def _maxpool_tiles(x, out, dout, pool):
+    """The same rule on one array: the windowed part of channels-last x viewed as
+    (N, OH, ph, OW, pw, C), compared once with the maxima; with one hit per window
+    (the count, and no NaN maximum, which hits nothing) that is the arg-max, else
+    each window keeps its first hit. Pixels past the last whole window get zero."""
+    (ph, pw), (N, C, H, W_in), (OH, OW) = pool, x.shape, out.shape[2:]
+    Hc, Wc = OH * ph, OW * pw
+    hit = channels_last(x)[:, :Hc, :Wc].reshape(N, OH, ph, OW, pw, C) == channels_last(out).reshape(N, OH, 1, OW, 1, C)
+    if np.count_nonzero(hit) != out.size or np.isnan(out).any():
+        taken = hit[:, :, 0, :, 0].copy()
+        for k in range(1, ph * pw):
+            h = hit[:, :, k // pw, :, k % pw]                   # a view: cleared where taken
+            np.greater(h, taken, out=h)
+            taken |= h
+    dx = np.empty((N, H, W_in, C), x.dtype)
+    dx[:, Hc:], dx[:, :Hc, Wc:] = 0, 0
+    covered = dx[:, :Hc, :Wc].reshape(N, OH, ph, OW, pw, C)     # splitting axes: always a view
+    np.multiply(hit, channels_last(dout).reshape(N, OH, 1, OW, 1, C), out=covered)
+    return channels_first(dx)
 
 
 # Average pooling: out[n, c, i, j] = mean_{p, q} x[n, c, i*sh + p, j*sw + q];
@@ -632,9 +634,9 @@ def batchnorm_backward_loop(dout, cache, input_grad=True):
     return (dx if input_grad else None), dgamma, dbeta
 
 
-# The vectorized cache: ``rows`` is x as an (m, C) matrix and ``center`` what is
-# subtracted from it to get deviations from the mean (the mean itself, or a small
-# correction when ``rows`` holds x already centred on an estimate of the mean).
+# The vectorized cache: ``rows`` is x as an (m, C) matrix and ``center`` what it lacks
+# of deviations from the mean (the mean, or a small correction when ``rows`` is x
+# already centred on an estimate of the mean).
 BatchNormRowsCache = namedtuple("BatchNormRowsCache", "rows center gamma mean var inv_std")
 
 # One-pass variance E[x^2] - mean^2 loses digits when |mean| >> std; beyond this ratio
@@ -643,11 +645,9 @@ _CANCELLATION = 1e3
 
 
 def batchnorm_forward_vectorized(x, gamma, beta, eps=1e-5):
-    """Statistics in one pass over X = ``as_rows(x)`` (m, C) each: the column sums
-    1^T X and the sums of squares (no temporary array), var = E[x^2] - mean^2;
-    then y = X * scale + shift with scale =
-    gamma / std and shift = beta - mean * scale, two passes. The cache keeps x
-    itself, not xhat (no extra array)."""
+    """Statistics in one pass over X = ``as_rows(x)`` (m, C): column sums 1^T X and
+    sums of squares (no temporary), var = E[x^2] - mean^2; then y = X * scale + shift
+    with scale = gamma / std, shift = beta - mean * scale. The cache keeps x, not xhat."""
     X = as_rows(x)
     m = X.shape[0]
     mean = _column_sums(X) / m

@@ -390,9 +390,11 @@ def test_average_pooling_keeps_channels_last_memory_and_the_loop_values():
         np.testing.assert_allclose(out, loop.forward(x), rtol=1e-12)
 
 
-@pytest.mark.parametrize("shape,dtype", [((2, 5, 6, 8), np.float64), ((1, 3, 4, 4), np.float32), ((3, 1, 2, 6), np.float64)])
+@pytest.mark.parametrize("shape,dtype", [((2, 5, 6, 8), np.float64), ((1, 3, 4, 4), np.float32), ((3, 1, 2, 6), np.float64),
+                                         ((2, 3, 7, 5), np.float32), ((1, 2, 3, 2), np.float64)])
 def test_maxpool_backward_on_channels_last_tiles_matches_the_loop_with_and_without_ties(shape, dtype):
-    # Channels-last x tiled by 2x2 windows takes the one-comparison path unless a window has a tie.
+    # Channels-last x with 2x2 windows side by side (odd sizes: a last row or column in no window)
+    # takes the one-comparison path; ties keep the first maximum, as in the loop.
     rng = np.random.default_rng(41)
     for x in (rng.standard_normal(shape), np.maximum(rng.standard_normal(shape), 0)):    # ReLU zeros tie
         x = channels_last_view(x.astype(dtype))
