@@ -3,7 +3,9 @@ the old file or none, never a half-written one. Standard library and NumPy only.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import zipfile
 import os
 import tempfile
 from pathlib import Path
@@ -56,3 +58,32 @@ def save_figure(fig, path, dpi=150):
     """Write a matplotlib figure as a PNG atomically."""
     with atomic_write(path) as f:
         fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
+
+
+def fingerprint(*items):
+    """A short hex digest of arrays and strings (dtype, shape and bytes of each): equal
+    for equal contents, different (but for a 2^-128 chance) for any other."""
+    digest = hashlib.blake2b(digest_size=16)
+    for item in items:
+        a = np.ascontiguousarray(item)
+        digest.update(f"{a.dtype.str}{a.shape}".encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()
+
+
+def cached_array(path, key, compute):
+    """``compute()`` -> an array, kept in the ``.npz`` file ``path`` under ``key``: the
+    next call with the same key reads it back instead. A file that cannot be read
+    is rebuilt (it holds only results that can be computed again); every write is
+    atomic, so a crash never leaves a half-written file."""
+    path = Path(path)
+    try:
+        with np.load(path) as saved:
+            kept = {name: saved[name] for name in saved.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+        kept = {}
+    if key not in kept:
+        kept[key] = np.asarray(compute())
+        save_npz(path, kept)
+    return kept[key]
+

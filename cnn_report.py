@@ -312,7 +312,8 @@ def train_or_load(runs, name, model, data, optimizer, epochs, progress=False, **
     An interrupted run resumes from its per-epoch checkpoint (same result as an
     uninterrupted one). ``progress=True`` shows a live progress bar with an ETA
     during each epoch; every epoch prints one line either way. ``fit_kwargs`` go
-    to ``cnn_train.fit``. Returns (model, history as a dict).
+    to ``cnn_train.fit``. Returns (model, history as a dict); the model's
+    ``predictions_file`` is where ``predict_proba`` keeps its predictions.
     """
     runs = Path(runs)
     slug = re.sub(r"[^A-Za-z0-9.-]+", "_", name)          # run names may hold spaces and slashes
@@ -333,6 +334,7 @@ def train_or_load(runs, name, model, data, optimizer, epochs, progress=False, **
             raise ValueError(f"{model_path} was trained with other settings than the ones asked for "
                              f"({'; '.join(changes)}); delete it and {history_path.name} to train again "
                              "with the new settings")
+        saved.predictions_file = runs / f"{slug}.predictions.npz"
         return saved, history
     checkpoint = runs / f"{slug}.checkpoint.npz"
     history = T.fit(model, data.x_train, data.y_train, optimizer, epochs,
@@ -341,6 +343,7 @@ def train_or_load(runs, name, model, data, optimizer, epochs, progress=False, **
     model.save(model_path)
     F.save_json(history_path, {**history, "settings": settings})
     checkpoint.unlink(missing_ok=True)          # none when fit had no epoch to run
+    model.predictions_file = runs / f"{slug}.predictions.npz"
     return model, history
 
 
@@ -391,14 +394,32 @@ def model_result(name, model, history, data=None, tta=None):
                     seconds=float(np.median(h["seconds"])), curve=list(h["val_acc"]),
                     train_seconds=float(np.sum(h["seconds"])))
     if data is not None:
-        result.proba = model.predict_proba(data.x_test, tta=tta)
+        result.proba = predict_proba(model, data.x_test, tta)
         result.report = E.classification_report(data.y_test, result.proba.argmax(axis=1),
                                                  class_names=data.class_names)
         result.accuracy = result.report["accuracy"]
         if tta is not None:
             result.tta = tta
-            result.val_acc_tta = T.evaluate(model, data.x_val, data.y_val, batch_size=500, tta=tta)[1]
+            result.val_acc_tta = accuracy(model, data.x_val, data.y_val, tta)
     return result
+
+
+def predict_proba(model, x, tta=None):
+    """``model.predict_proba(x, tta=tta)``, (N, K); for a model from ``train_or_load``
+    kept beside its run (``<run>.predictions.npz``) under a fingerprint of its weights,
+    x and ``tta``: a rebuild reads it back (test-time augmentation is most of a cached
+    rebuild's time), while other weights, data or augmentation predict afresh. After a
+    change to the prediction code itself, delete the ``*.predictions.npz`` files."""
+    path = getattr(model, "predictions_file", None)
+    if path is None:
+        return model.predict_proba(x, tta=tta)
+    key = "p" + F.fingerprint(*model.state_arrays().values(), x, str(tta))
+    return F.cached_array(path, key, lambda: model.predict_proba(x, tta=tta))
+
+
+def accuracy(model, x, y, tta=None):
+    """The fraction of (x, y) that ``predict_proba`` classifies right."""
+    return float(np.mean(predict_proba(model, x, tta).argmax(axis=1) == y))
 
 
 def read_results(path, notebook):
@@ -564,7 +585,7 @@ def recipe_ablation(train_or_load, recipe, data, removed, seeds, tta="flip", **s
             model, optimizer, kwargs = recipe(data.x_train, seed, **settings, **change)
             model, history = train_or_load(f"ablation_{name}_seed{seed}", model, data, optimizer, **kwargs)
             result = model_result(name, model, history)
-            result.accuracy = T.evaluate(model, data.x_val, data.y_val, batch_size=500, tta=tta)[1]
+            result.accuracy = accuracy(model, data.x_val, data.y_val, tta)
             study[name].append(result)
             if index == 0 and tta:
                 plain.append(dataclasses.replace(result, name=f"no {tta} TTA", accuracy=result.val_acc))

@@ -111,6 +111,35 @@ def test_train_or_load_trains_once_then_reloads_the_same_model(tmp_path, monkeyp
     np.testing.assert_array_equal(again.predict_proba(data.x_test), model.predict_proba(data.x_test))
 
 
+def test_predictions_of_a_run_are_kept_and_predicted_again_only_when_weights_data_or_tta_change(
+        tmp_path, monkeypatch):
+    data = toy_data()
+    model, history = R.train_or_load(tmp_path, "toy", toy_model(), data, T.Adam(1e-2), 1, batch_size=8)
+    first = R.predict_proba(model, data.x_test, "flip")
+    np.testing.assert_array_equal(first, model.predict_proba(data.x_test, tta="flip"))
+    assert (tmp_path / "toy.predictions.npz").exists()
+    calls = []
+    predict = M.Sequential.predict_proba
+
+    def counted(self, x, *args, **kwargs):
+        calls.append(len(x))
+        return predict(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(M.Sequential, "predict_proba", counted)
+    reloaded, _ = R.train_or_load(tmp_path, "toy", toy_model(), data, T.Adam(1e-2), 1, batch_size=8)
+    np.testing.assert_array_equal(R.predict_proba(reloaded, data.x_test, "flip"), first)
+    assert calls == []                                                  # read back, not predicted
+    R.predict_proba(reloaded, data.x_test)                               # no TTA: another prediction
+    R.predict_proba(reloaded, data.x_val, "flip")                        # other data
+    assert calls == [len(data.x_test), len(data.x_val)]
+    reloaded.layers[-1].params["b"][0] += 1.0                            # other weights
+    changed = R.predict_proba(reloaded, data.x_test, "flip")
+    assert calls[-1] == len(data.x_test) and not np.array_equal(changed, first)
+    assert R.accuracy(reloaded, data.x_test, data.y_test, "flip") == np.mean(changed.argmax(1) == data.y_test)
+    R.predict_proba(toy_model(), data.x_test)                            # a model of no run: nothing kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["toy.json", "toy.npz", "toy.predictions.npz"]
+
+
 def test_train_or_load_refuses_a_saved_run_of_another_network(tmp_path):
     data = toy_data()
     R.train_or_load(tmp_path, "toy", toy_model(hidden=3), data, T.Adam(1e-2), 1, batch_size=8)
