@@ -392,11 +392,10 @@ def test_average_pooling_keeps_channels_last_memory_and_the_loop_values():
 
 @pytest.mark.parametrize("shape,dtype", [((2, 5, 6, 8), np.float64), ((1, 3, 4, 4), np.float32), ((3, 1, 2, 6), np.float64),
                                          ((2, 3, 7, 5), np.float32), ((1, 2, 3, 2), np.float64)])
-def test_maxpool_backward_on_channels_last_tiles_matches_the_loop_with_and_without_ties(shape, dtype):
-    # Channels-last x with 2x2 windows side by side (odd sizes: a last row or column in no window)
-    # takes the one-comparison path; ties keep the first maximum, as in the loop.
+def test_maxpool_backward_on_channels_last_memory_matches_the_loop_with_and_without_ties(shape, dtype):
+    # Odd sizes leave a last row or column in no window; ReLU zeros make ties, which keep the first maximum.
     rng = np.random.default_rng(41)
-    for x in (rng.standard_normal(shape), np.maximum(rng.standard_normal(shape), 0)):    # ReLU zeros tie
+    for x in (rng.standard_normal(shape), np.maximum(rng.standard_normal(shape), 0)):
         x = channels_last_view(x.astype(dtype))
         loop, vec = L.MaxPool2D(2, impl="loop"), L.MaxPool2D(2)
         np.testing.assert_array_equal(vec.forward(x), loop.forward(x))
@@ -406,12 +405,22 @@ def test_maxpool_backward_on_channels_last_tiles_matches_the_loop_with_and_witho
         assert dx.dtype == dtype and np.moveaxis(dx, 1, -1).flags.c_contiguous
 
 
-def test_maxpool_backward_does_not_take_the_one_pass_path_when_a_nan_window_hides_a_tie():
-    # One window holds a NaN (no hit) and another a tie (two hits): the count of hits is still one
-    # per window, but the tie must give its gradient to the first maximum only.
+@pytest.mark.parametrize("pool,stride", [(2, None), (3, 2), (2, 3), ((3, 1), (1, 2))])
+def test_maxpool_backward_in_blocks_of_images_matches_the_loop(monkeypatch, pool, stride):
+    # A chunk smaller than one image: the backward pass runs image by image (ties, gaps, overlaps).
+    monkeypatch.setattr(C, "CHUNK_BYTES", 1)
+    rng = np.random.default_rng(42)
+    x = np.round(rng.standard_normal((3, 2, 7, 8)), 1)                     # rounded: many ties
+    loop, vec = L.MaxPool2D(pool, stride, impl="loop"), L.MaxPool2D(pool, stride)
+    np.testing.assert_array_equal(vec.forward(x), loop.forward(x))
+    dout = rng.standard_normal(loop.forward(x).shape)
+    np.testing.assert_allclose(vec.backward(dout), loop.backward(dout), rtol=1e-12, atol=1e-15)  # sums in another order
+
+
+def test_maxpool_backward_gives_a_tied_window_to_its_first_maximum_beside_a_nan_window():
     x = np.zeros((1, 1, 2, 4))
     x[0, 0, :, :2] = [[1.0, 1.0], [0.0, 0.0]]          # window 0: a tie of two 1s
-    x[0, 0, 0, 2] = np.nan                              # window 1: NaN, its maximum matches nothing
+    x[0, 0, 0, 2] = np.nan                              # window 1: NaN
     pool = L.MaxPool2D(2)
     pool.forward(channels_last_view(x))
     dx = pool.backward(channels_last_view(np.ones((1, 1, 1, 2))))
