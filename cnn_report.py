@@ -336,14 +336,15 @@ def train_or_load(runs, name, model, data, optimizer, epochs, progress=False, **
                              "with the new settings")
         saved.predictions_file = runs / f"{slug}.predictions.npz"
         return saved, history
-    checkpoint = runs / f"{slug}.checkpoint.npz"
+    checkpoint, predictions = runs / f"{slug}.checkpoint.npz", runs / f"{slug}.predictions.npz"
+    predictions.unlink(missing_ok=True)         # another run's, if any: its keys would never match again
     history = T.fit(model, data.x_train, data.y_train, optimizer, epochs,
                     validation=(data.x_val, data.y_val), checkpoint=checkpoint,
                     progress=progress_bar(progress), **fit_kwargs).as_dict()
     model.save(model_path)
     F.save_json(history_path, {**history, "settings": settings})
     checkpoint.unlink(missing_ok=True)          # none when fit had no epoch to run
-    model.predictions_file = runs / f"{slug}.predictions.npz"
+    model.predictions_file = predictions
     return model, history
 
 

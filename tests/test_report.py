@@ -138,6 +138,10 @@ def test_predictions_of_a_run_are_kept_and_predicted_again_only_when_weights_dat
     assert R.accuracy(reloaded, data.x_test, data.y_test, "flip") == np.mean(changed.argmax(1) == data.y_test)
     R.predict_proba(toy_model(), data.x_test)                            # a model of no run: nothing kept
     assert sorted(p.name for p in tmp_path.iterdir()) == ["toy.json", "toy.npz", "toy.predictions.npz"]
+    for name in ("toy.json", "toy.npz"):                                 # trained anew: a fresh predictions file
+        (tmp_path / name).unlink()
+    R.train_or_load(tmp_path, "toy", toy_model(), data, T.Adam(1e-2), 1, batch_size=8)
+    assert not (tmp_path / "toy.predictions.npz").exists()
 
 
 def test_train_or_load_refuses_a_saved_run_of_another_network(tmp_path):
