@@ -1,13 +1,15 @@
 """Every file the project writes goes through ``atomic_write``: a crash leaves
-the old file or none, never a half-written one. Standard library and NumPy only."""
+the old file or none, never a half-written one; ``cached_array`` keeps arrays that
+can be computed again (a run's predictions) under a ``fingerprint`` of what they
+came from. Standard library and NumPy only."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
-import zipfile
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
