@@ -419,8 +419,8 @@ def conv2d_backward_vectorized(dout, cache, input_grad=True, work=None):
 
 
 # Max pooling: out[n, c, i, j] = max_{p, q} x[n, c, i*sh + p, j*sw + q].
-# Backward: the gradient flows only to the arg-max of each window (the first
-# one on ties, the same rule in both versions); overlapping windows add up.
+# Backward: the gradient flows only to the arg-max of each window (np.argmax's: the
+# first on ties, a NaN if any; both versions); overlapping windows add up.
 
 def maxpool_forward_loop(x, pool=(2, 2), stride=(2, 2)):
     """x: (N, C, H, W) -> out: (N, C, OH, OW); cache holds each window's arg-max."""
@@ -454,16 +454,15 @@ def maxpool_backward_loop(dout, cache):
 
 
 def maxpool_forward_vectorized(x, pool=(2, 2), stride=(2, 2)):
-    """Running maximum over the ph*pw window offsets, each a strided slice of x. Only
-    the maximum: the backward pass finds the arg-max, so inference does not pay for it."""
+    """Running maximum over the window offsets (strided slices of x); the arg-max is
+    found in the backward pass, so inference does not pay for it."""
     return _window_max(x, pool, stride)[0], (x, pool, stride)
 
 
 def maxpool_backward_vectorized(dout, cache):
     """Offset k = p*pw + q's slice of dx receives dout where k is the window's arg-max
-    (``_window_max``; the first on ties, as np.argmax); overlapping windows add up.
-    A block of images at a time, about CHUNK_BYTES of x: its ph*pw passes stay in
-    the L2 cache instead of streaming from memory."""
+    (``_window_max``: np.argmax's rule); overlapping windows add up. A block of images
+    (about CHUNK_BYTES of x) at a time: its ph*pw passes stay in the L2 cache."""
     x, (ph, pw), (sh, sw) = cache
     OH, OW = dout.shape[2:]
     overlapping = sh < ph or sw < pw
@@ -472,7 +471,7 @@ def maxpool_backward_vectorized(dout, cache):
         dx[:, :, OH * sh:], dx[:, :, :, OW * sw:] = 0, 0
     else:
         dx = np.zeros_like(x)
-    step = max(1, CHUNK_BYTES // (x[0].size * x.itemsize))
+    step = max(1, CHUNK_BYTES // (math.prod(x.shape[1:]) * x.itemsize or 1))
     for n in range(0, len(x), step):
         images = slice(n, n + step)
         _, argmax = _window_max(x[images], (ph, pw), (sh, sw), argmax=True)
@@ -489,10 +488,9 @@ def maxpool_backward_vectorized(dout, cache):
 
 def _window_max(x, pool, stride, argmax=False):
     """(out, arg): every window's maximum, (N, C, OH, OW) in x's memory order, and with
-    ``argmax`` the offset k = p*pw + q holding it. k replaces the arg-max only where
-    offset k is strictly greater than the running maximum, so a tie keeps the first;
-    and as k only grows, that update is arg = max(arg, k * greater), two cheap
-    operations (``np.copyto(..., where=)`` measured ten times slower)."""
+    ``argmax`` the offset k = p*pw + q holding it. k replaces the arg-max only where it
+    is strictly greater than the running maximum (a tie keeps the first); as k only
+    grows, that is arg = max(arg, k * greater) (``np.copyto(where=)``: 10x slower)."""
     (ph, pw), (sh, sw) = pool, stride
     OH, OW = output_size(x.shape[2], ph, sh, 0), output_size(x.shape[3], pw, sw, 0)
     out = x[:, :, _offset(0, OH, sh), _offset(0, OW, sw)].copy(order="K")
@@ -505,6 +503,11 @@ def _window_max(x, pool, stride, argmax=False):
             greater *= k
             np.maximum(arg, greater, out=arg)
         np.maximum(out, xk, out=out)
+    if argmax and np.isnan(out).any():        # np.argmax's rule: a window's first NaN is its maximum
+        seen = np.zeros(out.shape, bool)
+        for k in range(ph * pw):
+            first = np.isnan(x[:, :, _offset(k // pw, OH, sh), _offset(k % pw, OW, sw)]) & ~seen
+            arg[first], seen[first] = k, True
     return out, arg
 
 

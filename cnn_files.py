@@ -67,9 +67,9 @@ def fingerprint(*items):
     for equal contents, different (but for a 2^-128 chance) for any other."""
     digest = hashlib.blake2b(digest_size=16)
     for item in items:
-        a = np.ascontiguousarray(item)
+        a = np.asarray(item)
         digest.update(f"{a.dtype.str}{a.shape}".encode())
-        digest.update(a.tobytes())
+        digest.update(np.ascontiguousarray(a).tobytes())
     return digest.hexdigest()
 
 

@@ -420,6 +420,8 @@ def predict_proba(model, x, tta=None):
 
 def accuracy(model, x, y, tta=None):
     """The fraction of (x, y) that ``predict_proba`` classifies right."""
+    if np.shape(y) != (len(x),):
+        raise ValueError(f"accuracy: need one label per input, got x {np.shape(x)}, y {np.shape(y)}")
     return float(np.mean(predict_proba(model, x, tta).argmax(axis=1) == y))
 
 

@@ -417,14 +417,22 @@ def test_maxpool_backward_in_blocks_of_images_matches_the_loop(monkeypatch, pool
     np.testing.assert_allclose(vec.backward(dout), loop.backward(dout), rtol=1e-12, atol=1e-15)  # sums in another order
 
 
-def test_maxpool_backward_gives_a_tied_window_to_its_first_maximum_beside_a_nan_window():
-    x = np.zeros((1, 1, 2, 4))
-    x[0, 0, :, :2] = [[1.0, 1.0], [0.0, 0.0]]          # window 0: a tie of two 1s
-    x[0, 0, 0, 2] = np.nan                              # window 1: NaN
-    pool = L.MaxPool2D(2)
-    pool.forward(channels_last_view(x))
-    dx = pool.backward(channels_last_view(np.ones((1, 1, 1, 2))))
-    np.testing.assert_array_equal(dx[0, 0, :, :2], [[1, 0], [0, 0]])
+def test_maxpool_backward_follows_np_argmax_on_ties_and_nans():
+    x = np.zeros((1, 1, 2, 6))
+    x[0, 0, :, :2] = [[1.0, 1.0], [0.0, 0.0]]          # window 0: a tie of two 1s -> the first
+    x[0, 0, 1, 3], x[0, 0, 0, 2] = np.nan, np.inf       # window 1: a NaN after an inf -> the NaN
+    x[0, 0, :, 4:] = [[np.nan, 5.0], [np.nan, 7.0]]     # window 2: two NaNs -> the first
+    loop, vec = L.MaxPool2D(2, impl="loop"), L.MaxPool2D(2)
+    loop.forward(x)
+    vec.forward(channels_last_view(x))
+    dout = np.array([[[[1.0, 2.0, 3.0]]]])
+    np.testing.assert_array_equal(vec.backward(channels_last_view(dout)), loop.backward(dout))
+    np.testing.assert_array_equal(loop.backward(dout)[0, 0], [[1, 0, 0, 0, 3, 0], [0, 0, 0, 2, 0, 0]])
+
+
+def test_maxpool_backward_of_an_empty_batch_is_empty():
+    out, cache = C.maxpool_forward_vectorized(np.zeros((0, 2, 4, 4)))
+    assert C.maxpool_backward_vectorized(out, cache).shape == (0, 2, 4, 4)
 
 
 def test_pad_adds_a_zero_border_or_returns_x_itself():

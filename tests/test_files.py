@@ -31,7 +31,8 @@ def test_fingerprint_changes_with_any_value_dtype_or_shape_and_only_then():
     a = np.arange(6, dtype=np.float32)
     same = F.fingerprint(a, "flip")
     assert F.fingerprint(a.copy(), "flip") == same
-    assert F.fingerprint(a[::-1][::-1], "flip") == same                   # a view of the same values
+    assert F.fingerprint(np.arange(12, dtype=np.float32)[::2] / 2, "flip") == same   # a strided view
+    assert F.fingerprint(np.float32(1)) != F.fingerprint(np.ones(1, np.float32))      # 0-d is not (1,)
     changed = a.copy()
     changed[3] = np.nextafter(changed[3], np.float32(9))
     for other in [(changed, "flip"), (a.astype(np.float64), "flip"), (a.reshape(2, 3), "flip"), (a, "shift"), (a,)]:

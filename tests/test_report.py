@@ -136,6 +136,8 @@ def test_predictions_of_a_run_are_kept_and_predicted_again_only_when_weights_dat
     changed = R.predict_proba(reloaded, data.x_test, "flip")
     assert calls[-1] == len(data.x_test) and not np.array_equal(changed, first)
     assert R.accuracy(reloaded, data.x_test, data.y_test, "flip") == np.mean(changed.argmax(1) == data.y_test)
+    with pytest.raises(ValueError, match="one label per input"):
+        R.accuracy(reloaded, data.x_test, data.y_test[:1])
     R.predict_proba(toy_model(), data.x_test)                            # a model of no run: nothing kept
     assert sorted(p.name for p in tmp_path.iterdir()) == ["toy.json", "toy.npz", "toy.predictions.npz"]
     for name in ("toy.json", "toy.npz"):                                 # trained anew: a fresh predictions file
