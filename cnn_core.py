@@ -419,8 +419,7 @@ def conv2d_backward_vectorized(dout, cache, input_grad=True, work=None):
 
 
 # Max pooling: out[n, c, i, j] = max_{p, q} x[n, c, i*sh + p, j*sw + q].
-# Backward: the gradient flows only to the arg-max of each window (np.argmax's: the
-# first on ties, a NaN if any; both versions); overlapping windows add up.
+# Backward: dout goes to each window's arg-max (np.argmax's rule in both); overlaps add up.
 
 def maxpool_forward_loop(x, pool=(2, 2), stride=(2, 2)):
     """x: (N, C, H, W) -> out: (N, C, OH, OW); cache holds each window's arg-max."""
