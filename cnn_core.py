@@ -60,10 +60,8 @@ def output_size(size, kernel, stride, padding):
 
 def _offset(p, out_size, stride):
     """Input positions i*stride + p for i = 0..out_size-1, as a slice. Window offset
-    (p, q) of a conv or pool with output (OH, OW) reads the strided slice
-    ``x[..., _offset(p, OH, sh), _offset(q, OW, sw)]``: looping over the kh*kw offsets
-    visits every window element with whole-array operations (conv and pooling,
-    forward and backward)."""
+    (p, q) of an output (OH, OW) reads ``x[..., _offset(p, OH, sh), _offset(q, OW, sw)]``:
+    looping over the kh*kw offsets visits every window element with whole-array operations."""
     return slice(p, p + stride * (out_size - 1) + 1, stride)
 
 
@@ -462,8 +460,8 @@ def maxpool_backward_vectorized(dout, cache):
     """Offset k = p*pw + q's slice of dx receives dout where k is the window's arg-max
     (``_window_max``: np.argmax's rule); overlapping windows add up. A block of images
     (about CHUNK_BYTES of x) at a time: its ph*pw passes stay in the L2 cache."""
-    x, (ph, pw), (sh, sw) = cache
-    OH, OW = dout.shape[2:]
+    x, pool, stride = cache
+    (ph, pw), (sh, sw), (OH, OW) = pool, stride, dout.shape[2:]
     overlapping = sh < ph or sw < pw
     if (sh, sw) == (ph, pw):                   # windows side by side: zero only what none covers
         dx = np.empty_like(x)                  # x's memory order: the next backward stays fast
@@ -472,16 +470,15 @@ def maxpool_backward_vectorized(dout, cache):
         dx = np.zeros_like(x)
     step = max(1, CHUNK_BYTES // (math.prod(x.shape[1:]) * x.itemsize or 1))
     for n in range(0, len(x), step):
-        images = slice(n, n + step)
-        _, argmax = _window_max(x[images], (ph, pw), (sh, sw), argmax=True)
+        images, g = slice(n, n + step), dout[n:n + step]
+        _, argmax = _window_max(x[images], pool, stride, argmax=True)
         is_k = np.empty_like(argmax, dtype=bool)
-        for k in range(ph * pw):
-            window = (images, slice(None), _offset(k // pw, OH, sh), _offset(k % pw, OW, sw))
+        for k, dxk in enumerate(_pool_views(dx[images], pool, stride)):
             np.equal(argmax, k, out=is_k)
             if overlapping:                    # a pixel in several windows collects every share
-                dx[window] += dout[images] * is_k
+                dxk += g * is_k
             else:                              # each pixel is in one window: write, don't add
-                np.multiply(dout[images], is_k, out=dx[window])
+                np.multiply(g, is_k, out=dxk)
     return dx
 
 
@@ -490,13 +487,11 @@ def _window_max(x, pool, stride, argmax=False):
     ``argmax`` the offset k = p*pw + q holding it. k replaces the arg-max only where it
     is strictly greater than the running maximum (a tie keeps the first); as k only
     grows, that is arg = max(arg, k * greater) (``np.copyto(where=)``: 10x slower)."""
-    (ph, pw), (sh, sw) = pool, stride
-    OH, OW = output_size(x.shape[2], ph, sh, 0), output_size(x.shape[3], pw, sw, 0)
-    out = x[:, :, _offset(0, OH, sh), _offset(0, OW, sw)].copy(order="K")
-    arg = np.zeros_like(out, dtype=np.min_scalar_type(ph * pw - 1)) if argmax else None
+    views = _pool_views(x, pool, stride)
+    out = views[0].copy(order="K")                 # keep x's memory order
+    arg = np.zeros_like(out, dtype=np.min_scalar_type(len(views) - 1)) if argmax else None
     greater = np.empty_like(arg) if argmax else None
-    for k in range(1, ph * pw):
-        xk = x[:, :, _offset(k // pw, OH, sh), _offset(k % pw, OW, sw)]
+    for k, xk in enumerate(views[1:], start=1):
         if argmax:
             np.greater(xk, out, out=greater, dtype=bool, casting="unsafe")
             greater *= k
@@ -504,10 +499,17 @@ def _window_max(x, pool, stride, argmax=False):
         np.maximum(out, xk, out=out)
     if argmax and np.isnan(out).any():        # np.argmax's rule: a window's first NaN is its maximum
         seen = np.zeros(out.shape, bool)
-        for k in range(ph * pw):
-            first = np.isnan(x[:, :, _offset(k // pw, OH, sh), _offset(k % pw, OW, sw)]) & ~seen
+        for k, xk in enumerate(views):
+            first = np.isnan(xk) & ~seen
             arg[first], seen[first] = k, True
     return out, arg
+
+
+def _pool_views(x, pool, stride):
+    """Offset k = p*pw + q of every window of x (N, C, H, W), a strided view per k."""
+    (ph, pw), (sh, sw) = pool, stride
+    OH, OW = output_size(x.shape[2], ph, sh, 0), output_size(x.shape[3], pw, sw, 0)
+    return [x[:, :, _offset(p, OH, sh), _offset(q, OW, sw)] for p in range(ph) for q in range(pw)]
 
 
 # Average pooling: out[n, c, i, j] = mean_{p, q} x[n, c, i*sh + p, j*sw + q];
@@ -541,23 +543,21 @@ def avgpool_backward_loop(dout, cache):
 
 def avgpool_forward_vectorized(x, pool=(2, 2), stride=(2, 2)):
     """Sum of the ph*pw offset slices, divided by ph*pw."""
-    (ph, pw), (sh, sw) = pool, stride
-    OH, OW = output_size(x.shape[2], ph, sh, 0), output_size(x.shape[3], pw, sw, 0)
-    out = x[:, :, _offset(0, OH, sh), _offset(0, OW, sw)].copy(order="K")   # keep x's memory order
-    for k in range(1, ph * pw):
-        out += x[:, :, _offset(k // pw, OH, sh), _offset(k % pw, OW, sw)]
-    out /= ph * pw
+    views = _pool_views(x, pool, stride)
+    out = views[0].copy(order="K")                 # keep x's memory order
+    for xk in views[1:]:
+        out += xk
+    out /= len(views)
     return out, (x, pool, stride)
 
 
 def avgpool_backward_vectorized(dout, cache):
     """Every offset's slice of dx receives dout / (ph*pw)."""
-    x, (ph, pw), (sh, sw) = cache
-    OH, OW = dout.shape[2:]
-    share = dout / (ph * pw)
+    x, pool, stride = cache
+    share = dout / (pool[0] * pool[1])
     dx = np.zeros_like(x)
-    for k in range(ph * pw):
-        dx[:, :, _offset(k // pw, OH, sh), _offset(k % pw, OW, sw)] += share
+    for dxk in _pool_views(dx, pool, stride):
+        dxk += share
     return dx
 
 

@@ -318,6 +318,7 @@ def train_or_load(runs, name, model, data, optimizer, epochs, progress=False, **
     runs = Path(runs)
     slug = re.sub(r"[^A-Za-z0-9.-]+", "_", name)          # run names may hold spaces and slashes
     model_path, history_path = runs / f"{slug}.npz", runs / f"{slug}.json"
+    checkpoint, predictions = runs / f"{slug}.checkpoint.npz", runs / f"{slug}.predictions.npz"
     settings = run_settings(optimizer, epochs, fit_kwargs)
     if model_path.exists() and history_path.exists():
         saved = M.Sequential.load(model_path)
@@ -334,9 +335,8 @@ def train_or_load(runs, name, model, data, optimizer, epochs, progress=False, **
             raise ValueError(f"{model_path} was trained with other settings than the ones asked for "
                              f"({'; '.join(changes)}); delete it and {history_path.name} to train again "
                              "with the new settings")
-        saved.predictions_file = runs / f"{slug}.predictions.npz"
+        saved.predictions_file = predictions
         return saved, history
-    checkpoint, predictions = runs / f"{slug}.checkpoint.npz", runs / f"{slug}.predictions.npz"
     predictions.unlink(missing_ok=True)         # another run's, if any: its keys would never match again
     history = T.fit(model, data.x_train, data.y_train, optimizer, epochs,
                     validation=(data.x_val, data.y_val), checkpoint=checkpoint,

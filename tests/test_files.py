@@ -1,6 +1,7 @@
-"""Atomic file writing."""
+"""Atomic file writing, fingerprints and the arrays kept under them."""
 import os
 
+import numpy as np
 import pytest
 
 import cnn_files as F
@@ -27,7 +28,6 @@ def test_atomic_write_keeps_the_old_file_when_writing_or_checking_fails(tmp_path
 
 
 def test_fingerprint_changes_with_any_value_dtype_or_shape_and_only_then():
-    import numpy as np
     a = np.arange(6, dtype=np.float32)
     same = F.fingerprint(a, "flip")
     assert F.fingerprint(a.copy(), "flip") == same
@@ -40,7 +40,6 @@ def test_fingerprint_changes_with_any_value_dtype_or_shape_and_only_then():
 
 
 def test_cached_array_computes_once_and_rebuilds_an_unreadable_file(tmp_path):
-    import numpy as np
     path, calls = tmp_path / "kept.npz", []
 
     def compute(value):
