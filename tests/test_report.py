@@ -362,6 +362,21 @@ def _build_report():
     return module
 
 
+def test_build_stages_run_cifar_beside_the_rest_and_the_summary_last():
+    B = _build_report()
+    names = ["00_introduction", "01_mnist_training", "02_looking_inside", "03_experiments", "04_cifar10",
+             "05_image_folders", "09_summary"]
+    sources = [ROOT / "notebooks" / f"{name}.ipynb" for name in names]
+    stem = lambda stages: [[[s.stem for s in lane] for lane in stage] for stage in stages]   # noqa: E731
+    rest = ["00_introduction", "01_mnist_training", "02_looking_inside", "03_experiments", "05_image_folders"]
+    assert stem(B.stages(sources, 2)) == [[rest, ["04_cifar10"]], [["09_summary"]]]
+    assert stem(B.stages(sources, 1)) == [[rest[:4] + ["04_cifar10", "05_image_folders"]], [["09_summary"]]]
+    assert stem(B.stages(sources[-1:], 2)) == [[["09_summary"]]]
+    # Every notebook the build runs exists, and the lane of its own holds real notebooks.
+    found = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    assert found == names and set(B.OWN_LANE) <= set(found)
+
+
 def test_number_floats_captions_every_figure_and_table_in_order_across_notebooks():
     import base64
     from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
