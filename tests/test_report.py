@@ -365,12 +365,13 @@ def _build_report():
 def test_build_stages_run_cifar_beside_the_rest_and_the_summary_last():
     B = _build_report()
     names = ["00_introduction", "01_mnist_training", "02_looking_inside", "03_experiments", "04_cifar10",
-             "05_image_folders", "09_summary"]
+             "05_image_folders", "06_fashion_mnist", "09_summary"]
     sources = [ROOT / "notebooks" / f"{name}.ipynb" for name in names]
     stem = lambda stages: [[[s.stem for s in lane] for lane in stage] for stage in stages]   # noqa: E731
-    rest = ["00_introduction", "01_mnist_training", "02_looking_inside", "03_experiments", "05_image_folders"]
+    rest = ["00_introduction", "01_mnist_training", "02_looking_inside", "03_experiments", "05_image_folders",
+            "06_fashion_mnist"]
     assert stem(B.stages(sources, 2)) == [[rest, ["04_cifar10"]], [["09_summary"]]]
-    assert stem(B.stages(sources, 1)) == [[rest[:4] + ["04_cifar10", "05_image_folders"]], [["09_summary"]]]
+    assert stem(B.stages(sources, 1)) == [[rest[:4] + ["04_cifar10"] + rest[4:]], [["09_summary"]]]
     assert stem(B.stages(sources[-1:], 2)) == [[["09_summary"]]]
     # Every notebook the build runs exists, and the lane of its own holds real notebooks.
     found = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -548,35 +549,28 @@ def test_run_sentence_and_target_sentence_are_notebook_4s_result_sentences():
 
 
 @pytest.mark.parametrize("source", ["the CIFAR-10 binary batches", "the JPEG copy of CIFAR-10 (folder x)"])
-def test_save_bonus_results_writes_what_notebook_4_wrote_inline(tmp_path, source):
-    import cnn_files as F
+def test_save_bonus_results_writes_notebook_4s_summary_and_one_task_per_model(tmp_path, source):
     names = ["2-D CNN", "row sequence (Conv1D)", "row sequence (GRU)", "MLP on pixels"]
     cm = np.array([[3, 1], [0, 4]])
-    results = {n: R.Result(n, 100 + k, k + 1, 10.0 + k, [0.5], train_seconds=20.0 + k, accuracy=0.6 + k / 10,
+    accuracies = [0.6, 0.7, 0.8, 0.9]
+    results = {n: R.Result(n, 100 + k, k + 1, 10.0 + k, [0.5], train_seconds=20.0 + k, accuracy=accuracies[k],
                            report={"confusion": cm}) for k, n in enumerate(names)}
     mnist_gru = R.Result("MNIST rows (GRU)", 50, 3, 9.0, [0.9], train_seconds=27.0, accuracy=0.98)
-    fashion = R.Result("Fashion-MNIST (MNIST recipe)", 70, 5, 8.0, [0.9], train_seconds=40.0, accuracy=0.93)
-    old, new = tmp_path / "old", tmp_path / "new"
-    # notebook 4's cell before it called save_bonus_results:
-    RUNS, fashion_result, data_class_names = old, fashion, ["cat", "dog"]
-    summary = {r.name: r.summary("accuracy", "params", "seconds", "epochs") for r in [*results.values(), fashion_result]}
-    F.save_json(RUNS / "bonus_results.json", dict(models=summary, cifar_source=source, class_names=data_class_names,
-                                                   cifar_confusion=results["2-D CNN"].report["confusion"].tolist()))
+    bonus = R.save_bonus_results(tmp_path, results, mnist_gru, source, ["cat", "dog"])
+    assert bonus == json.loads((tmp_path / "bonus_results.json").read_text())
+    assert bonus["models"] == {n: {"accuracy": accuracies[k], "params": 100 + k, "seconds": 10.0 + k, "epochs": k + 1}
+                               for k, n in enumerate(names)}
+    assert (bonus["cifar_source"], bonus["cifar_confusion"], bonus["class_names"]) == (source, [[3, 1], [0, 4]],
+                                                                                         ["cat", "dog"])
     cifar = "CIFAR-10 (JPEG copy)" if "JPEG" in source else "CIFAR-10"
-    for task, dataset, r in [("cifar10-cnn", cifar, results["2-D CNN"]), ("cifar10-rows", cifar, results["row sequence (Conv1D)"]),
-                             ("cifar10-rows-gru", cifar, results["row sequence (GRU)"]), ("cifar10-mlp", cifar, results["MLP on pixels"]),
-                             ("mnist-rows-gru", "MNIST", mnist_gru), ("fashion-mnist", "Fashion-MNIST", fashion_result)]:
-        R.save_results_task(RUNS, task, dataset, r.name, [r], seeds=[0])
-    bonus = R.save_bonus_results(new, results, mnist_gru, fashion, source, ["cat", "dog"])
-    files = sorted(p.relative_to(old).as_posix() for p in old.rglob("*.json"))
-    assert files == sorted(p.relative_to(new).as_posix() for p in new.rglob("*.json")) and len(files) == 7
-    for f in files:
-        assert (new / f).read_bytes() == (old / f).read_bytes(), f
-    assert bonus == json.loads((new / "bonus_results.json").read_text())
-    assert list(bonus["models"]) == names + ["Fashion-MNIST (MNIST recipe)"]
-    assert bonus["cifar_confusion"] == [[3, 1], [0, 4]] and bonus["class_names"] == ["cat", "dog"]
-    task = json.loads((new / "tasks" / "cifar10-mlp.json").read_text())
-    assert (task["dataset"], task["model"], task["seeds"]) == (cifar, "MLP on pixels", [0])
+    expected = {"cifar10-cnn": (cifar, "2-D CNN", 0.6), "cifar10-rows": (cifar, "row sequence (Conv1D)", 0.7),
+                "cifar10-rows-gru": (cifar, "row sequence (GRU)", 0.8), "cifar10-mlp": (cifar, "MLP on pixels", 0.9),
+                "mnist-rows-gru": ("MNIST", "MNIST rows (GRU)", 0.98)}
+    tasks = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "tasks").glob("*.json")}
+    assert sorted(tasks) == sorted(expected)
+    for task_id, (dataset, model, accuracy) in expected.items():
+        t = tasks[task_id]
+        assert (t["dataset"], t["model"], t["seeds"], t["test_accuracy"]) == (dataset, model, [0], [accuracy])
 
 
 def test_report_confusions_takes_each_record_that_exists():
