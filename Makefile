@@ -13,10 +13,11 @@ test: setup
 	$(PYTHON) -m pytest
 
 # QUICK=1: the same pipeline on a small subset with one epoch (a few minutes);
-# OUT=dir: write notebooks, figures and the PDF there instead of the repository.
+# OUT=dir: write notebooks, figures and the PDF there instead of the repository;
+# LANES=1: one notebook at a time (default on 2+ cores: two side by side).
 report:
 	@tools/setup.sh --latex
-	$(PYTHON) tools/build_report.py $(if $(QUICK),--quick) $(if $(OUT),--out $(OUT))
+	$(PYTHON) tools/build_report.py $(if $(QUICK),--quick) $(if $(OUT),--out $(OUT)) $(if $(LANES),--lanes $(LANES))
 
 bench: setup
 	$(PYTHON) benchmarks/bench.py $(if $(QUICK),--quick)
