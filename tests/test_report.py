@@ -2,6 +2,7 @@
 subsets, training that reuses saved runs, result records, report.json."""
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -376,6 +377,46 @@ def test_build_stages_run_cifar_beside_the_rest_and_the_summary_last():
     # Every notebook the build runs exists, and the lane of its own holds real notebooks.
     found = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     assert found == names and set(B.OWN_LANE) <= set(found)
+
+
+def _notebook(path, *sources):
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+    path.write_text(nbformat.writes(new_notebook(cells=[new_code_cell(s) for s in sources])))
+    return path
+
+
+def test_build_lanes_give_each_kernel_one_blas_thread_on_two_cores_and_the_summary_all(tmp_path, monkeypatch):
+    B = _build_report()
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.setattr(B, "cores", lambda: 2)
+    show = "import os; print(os.environ.get('OPENBLAS_NUM_THREADS'))"
+    sources = [_notebook(tmp_path / f"{name}.ipynb", show) for name in ("01_a", "04_cifar10", "09_summary")]
+    done = B.execute_all(sources, lambda s: tmp_path / f"out_{s.name}", lanes=2)
+    assert [nb.cells[0].outputs[0]["text"].strip() for nb in done] == ["1", "1", "None"]
+    assert (tmp_path / "out_09_summary.ipynb").exists()
+
+
+def test_build_stops_the_other_lane_as_soon_as_a_notebook_fails(tmp_path):
+    from nbclient.exceptions import CellExecutionError
+    B = _build_report()
+    sources = [_notebook(tmp_path / "01_slow.ipynb", "import time; time.sleep(300)"),
+               _notebook(tmp_path / "04_cifar10.ipynb", "import time; time.sleep(2)", "raise ValueError('bad input')"),
+               _notebook(tmp_path / "09_summary.ipynb", "print('never')")]
+    began = time.time()
+    with pytest.raises(CellExecutionError, match="bad input"):
+        B.execute_all(sources, lambda s: tmp_path / f"out_{s.name}", lanes=2)
+    assert time.time() - began < 60                       # not the 300 s of the other lane
+    assert not list(tmp_path.glob("out_*"))
+
+
+def test_number_floats_steps_the_table_counter_back_after_a_table_in_the_text():
+    from nbformat.v4 import new_markdown_cell, new_notebook
+    B = _build_report()
+    text = new_markdown_cell("Layouts:\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\nNo table here: a | b.")
+    nb, _, _ = B.number_floats(new_notebook(cells=[text, new_markdown_cell("plain | text")]))
+    assert [c.cell_type for c in nb.cells] == ["markdown", "raw", "markdown"]
+    assert nb.cells[1].source == "\\addtocounter{table}{-1}" and nb.cells[1].metadata["format"] == "text/latex"
 
 
 def test_number_floats_captions_every_figure_and_table_in_order_across_notebooks():

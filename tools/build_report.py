@@ -6,10 +6,12 @@ export them together through nbconvert's LaTeX route (xelatex).
     python tools/build_report.py --quick    # small subset, one epoch (a few minutes),
                                             # into build/quick/
     python tools/build_report.py --quick --out /tmp/r   # into another folder
+    python tools/build_report.py --lanes 1  # one notebook at a time
 
 The notebooks read three environment variables that this script sets:
 CNN_QUICK ("1" for the quick mode), CNN_OUT (where runs/, figures/ go) and
-CNN_PROGRESS ("0": no live progress bar, the PDF keeps the per-epoch lines).
+CNN_PROGRESS ("0": no live progress bar, the PDF keeps the per-epoch lines);
+with two lanes, each kernel also gets OPENBLAS_NUM_THREADS (unless it is set).
 Training notebooks save weights and histories in <out>/runs/ and reuse them,
 so an interrupted build resumes where it stopped. Cells tagged "hide-input"
 show only their output in the PDF; cells tagged "remove-cell" are left out.
@@ -25,7 +27,7 @@ those). Markdown cells refer to a labelled float as ``[figure](#label)``.
 Output on stderr (warnings) is printed in the build log, never put in the PDF;
 an error in a cell still stops the build.
 
-On two or more cores the notebooks run in two lanes side by side (``lanes``):
+On two or more cores the notebooks run in two lanes side by side (``stages``):
 the CIFAR-10 notebook, which needs no other notebook's runs, in one, the others in
 order in the other, the summary after both; each kernel gets half the cores for
 OpenBLAS (``--lanes 1``: one after the other, with every core).
@@ -37,7 +39,8 @@ import os
 import re
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import nbformat
@@ -53,30 +56,50 @@ from cnn_files import save_bytes  # noqa: E402
 NOTEBOOKS = ROOT / "notebooks"
 
 
-def execute(source, target, threads=None):
+def execute(source, target, threads=None, running=None):
     """Run the notebook at ``source`` in the notebooks folder, with at most ``threads``
-    OpenBLAS threads (None: OpenBLAS's default, one per core); save it to ``target``."""
+    OpenBLAS threads (None: OpenBLAS's default, one per core); save it to ``target``.
+    ``running``: a dict where the notebook's client is kept while it runs (``stop``)."""
     nb = nbformat.read(source, as_version=4)
     env = dict(os.environ)
     if threads is not None:             # a user's own OPENBLAS_NUM_THREADS wins
         env.setdefault("OPENBLAS_NUM_THREADS", str(threads))
+    client = NotebookClient(nb, timeout=None, kernel_name="python3",
+                            resources={"metadata": {"path": str(NOTEBOOKS)}})
+    running = {} if running is None else running
+    running[source] = client
     began = time.time()
-    NotebookClient(nb, timeout=None, kernel_name="python3",
-                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute(env=env)
+    try:
+        client.execute(env=env)
+    finally:
+        running.pop(source, None)
     save_bytes(target, nbformat.writes(nb).encode())
     print(f"  {source.name}: {time.time() - began:.0f} s", flush=True)
     return nb
 
 
+def stop(client):
+    """Kill the kernel of a notebook that is still running (its cell then fails)."""
+    process = getattr(getattr(getattr(client, "km", None), "provisioner", None), "process", None)
+    if process is not None:
+        process.kill()
+
+
 # The notebooks that need no other notebook's runs and so can run beside the rest
 # (notebook 02 reads 01's model; the summary, the last notebook, reads every result).
-# Side by side, each kernel with one OpenBLAS thread, the two lanes take no longer
-# than each alone with two: measured on 2 cores with both lanes busy, a CIFAR-10
-# training step of batch 128 took 545 ms (554 ms alone with two threads) and an MNIST
-# one 129 ms (118-129 ms alone): the convolutions' matrix products are too small to
-# keep two threads busy, and the rest of a step runs on one core anyway. Two kernels
-# with two threads each (four threads on two cores) were 1.4-8 times slower.
+# On two cores, each kernel with one OpenBLAS thread, each lane runs 1.25-1.35 times
+# slower than alone with two threads, but the two together do about 1.5 times the
+# work: the convolutions' products are too small to keep two threads busy, and the
+# rest of a step runs on one core anyway. Measured on 2026-11-26: CIFAR-10 epochs
+# 217-240 s against 155-180 s in the one-lane build of the same morning, MNIST epochs
+# 59-69 s against 47-54 s; the whole build 52 minutes instead of 81. Two kernels with
+# two threads each (four threads on two cores) made a CIFAR-10 step 2-8 times slower.
 OWN_LANE = ("04_cifar10",)
+
+
+def cores():
+    """The CPU cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def stages(sources, lanes):
@@ -90,16 +113,31 @@ def stages(sources, lanes):
 
 
 def execute_all(sources, target, lanes):
-    """Execute every notebook in ``stages``, each kernel with cores // lanes OpenBLAS
-    threads when lanes > 1; target(source) is where an executed notebook is saved.
-    Returns the executed notebooks in the order of ``sources``."""
-    threads = max(1, (os.cpu_count() or 1) // lanes) if lanes > 1 else None
-    done = {}
+    """Execute every notebook in ``stages``; target(source) is where an executed
+    notebook is saved. While two lanes run, each kernel gets half the cores for
+    OpenBLAS. When a notebook fails, the other lane's running notebook is stopped
+    and the first error is raised at once. Returns the executed notebooks in the
+    order of ``sources``."""
+    done, running, failed = {}, {}, threading.Event()
+
+    def run(lane, threads):
+        for source in lane:
+            if failed.is_set():
+                return
+            done[source] = execute(source, target(source), threads, running)
+
     for stage in stages(sources, lanes):
+        threads = max(1, cores() // len(stage)) if len(stage) > 1 else None
         with ThreadPoolExecutor(len(stage)) as pool:
-            runs = pool.map(lambda lane: [execute(s, target(s), threads) for s in lane], stage)
-            for lane, notebooks in zip(stage, runs):
-                done.update(zip(lane, notebooks))
+            futures = [pool.submit(run, lane, threads) for lane in stage]
+            try:
+                for future in as_completed(futures):
+                    future.result()                 # a lane's error, raised here
+            except BaseException:                   # that, or Ctrl-C: stop the other lane too
+                failed.set()
+                for client in list(running.values()):
+                    stop(client)
+                raise
     return [done[s] for s in sources]
 
 
@@ -131,6 +169,7 @@ LEGACY_CAPTION = re.compile(r"\A\s*\*(?P<label>(?:figures?|tables?)(?:\s+\d+)?"
                             r"(?:\s+and\s+(?:figures?|tables?)(?:\s+\d+)?)?)\s*:\s*(?P<text>.+?)\s*\*\s*(?:\n\s*\n|\Z)",
                             re.IGNORECASE | re.DOTALL)
 HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.MULTILINE)
+PIPE_TABLE = re.compile(r"^\s*\|.*\|\s*\n\s*\|?\s*:?-{3,}", re.MULTILINE)   # a header line, then |---
 REFERENCE = re.compile(r"\[(figure|table|Figure|Table)\]\(#([A-Za-z0-9_-]+)\)")
 
 
@@ -297,9 +336,18 @@ def number_floats(nb):
                 names.append(name)
                 output["data"] = {"text/latex": "", "text/plain": ""}
             g["outputs"][-1]["data"]["text/latex"] = figure_latex(names, caption, g["label"])
+    cells = []
     for cell in nb.cells:                          # "[figure](#label)" -> "figure 7"
+        cells.append(cell)
         if cell.cell_type == "markdown":
             cell.source = REFERENCE.sub(lambda m: _reference(m, labels, log), cell.source)
+            # pandoc makes a table in the text an uncaptioned longtable, which still
+            # steps LaTeX's table counter: step it back so the numbering has no gap
+            tables = len(PIPE_TABLE.findall(cell.source))
+            if tables:
+                cells.append(nbformat.v4.new_raw_cell(f"\\addtocounter{{table}}{{-{tables}}}",
+                                                      metadata={"raw_mimetype": "text/latex", "format": "text/latex"}))
+    nb.cells = cells
     return nb, resources, log
 
 
@@ -328,7 +376,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small subset, one epoch")
     parser.add_argument("--out", type=Path, default=None,
                         help="write notebooks, runs/, figures/ and report.pdf here (default: the repository)")
-    parser.add_argument("--lanes", type=int, choices=(1, 2), default=2 if (os.cpu_count() or 1) >= 2 else 1,
+    parser.add_argument("--lanes", type=int, choices=(1, 2), default=2 if cores() >= 2 else 1,
                         help="notebooks side by side (default: 2 on two or more cores)")
     args = parser.parse_args(argv)
     # A quick run never overwrites the committed notebooks, figures or report.
