@@ -410,11 +410,23 @@ def test_build_stops_the_other_lane_as_soon_as_a_notebook_fails(tmp_path):
     assert not list(tmp_path.glob("out_*"))
 
 
+def test_build_notebook_stops_before_its_first_cell_once_the_other_lane_failed(tmp_path):
+    import threading
+    B = _build_report()
+    failed = threading.Event()
+    failed.set()
+    source = _notebook(tmp_path / "01_a.ipynb", "print('ran')")
+    with pytest.raises(RuntimeError, match="other lane failed"):
+        B.execute(source, tmp_path / "out.ipynb", failed=failed)
+    assert not (tmp_path / "out.ipynb").exists()
+
+
 def test_number_floats_steps_the_table_counter_back_after_a_table_in_the_text():
     from nbformat.v4 import new_markdown_cell, new_notebook
     B = _build_report()
     text = new_markdown_cell("Layouts:\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\nNo table here: a | b.")
-    nb, _, _ = B.number_floats(new_notebook(cells=[text, new_markdown_cell("plain | text")]))
+    not_tables = new_markdown_cell("plain | text, |x| and |y|\n\n---\n\n```\n| a | b |\n|---|---|\n```")
+    nb, _, _ = B.number_floats(new_notebook(cells=[text, not_tables]))
     assert [c.cell_type for c in nb.cells] == ["markdown", "raw", "markdown"]
     assert nb.cells[1].source == "\\addtocounter{table}{-1}" and nb.cells[1].metadata["format"] == "text/latex"
 

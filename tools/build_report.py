@@ -56,15 +56,21 @@ from cnn_files import save_bytes  # noqa: E402
 NOTEBOOKS = ROOT / "notebooks"
 
 
-def execute(source, target, threads=None, running=None):
+def execute(source, target, threads=None, running=None, failed=None):
     """Run the notebook at ``source`` in the notebooks folder, with at most ``threads``
     OpenBLAS threads (None: OpenBLAS's default, one per core); save it to ``target``.
-    ``running``: a dict where the notebook's client is kept while it runs (``stop``)."""
+    ``running``: a dict where the notebook's client is kept while it runs (``stop``);
+    ``failed``: a ``threading.Event`` that, once set, stops it before its next cell."""
     nb = nbformat.read(source, as_version=4)
     env = dict(os.environ)
     if threads is not None:             # a user's own OPENBLAS_NUM_THREADS wins
         env.setdefault("OPENBLAS_NUM_THREADS", str(threads))
-    client = NotebookClient(nb, timeout=None, kernel_name="python3",
+
+    def before_cell(cell, cell_index):  # the other lane failed while this kernel was starting
+        if failed is not None and failed.is_set():
+            raise RuntimeError(f"{source.name}: stopped because a notebook in the other lane failed")
+
+    client = NotebookClient(nb, timeout=None, kernel_name="python3", on_cell_start=before_cell,
                             resources={"metadata": {"path": str(NOTEBOOKS)}})
     running = {} if running is None else running
     running[source] = client
@@ -124,7 +130,7 @@ def execute_all(sources, target, lanes):
         for source in lane:
             if failed.is_set():
                 return
-            done[source] = execute(source, target(source), threads, running)
+            done[source] = execute(source, target(source), threads, running, failed)
 
     for stage in stages(sources, lanes):
         threads = max(1, cores() // len(stage)) if len(stage) > 1 else None
@@ -169,7 +175,6 @@ LEGACY_CAPTION = re.compile(r"\A\s*\*(?P<label>(?:figures?|tables?)(?:\s+\d+)?"
                             r"(?:\s+and\s+(?:figures?|tables?)(?:\s+\d+)?)?)\s*:\s*(?P<text>.+?)\s*\*\s*(?:\n\s*\n|\Z)",
                             re.IGNORECASE | re.DOTALL)
 HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.MULTILINE)
-PIPE_TABLE = re.compile(r"^\s*\|.*\|\s*\n\s*\|?\s*:?-{3,}", re.MULTILINE)   # a header line, then |---
 REFERENCE = re.compile(r"\[(figure|table|Figure|Table)\]\(#([A-Za-z0-9_-]+)\)")
 
 
@@ -343,7 +348,7 @@ def number_floats(nb):
             cell.source = REFERENCE.sub(lambda m: _reference(m, labels, log), cell.source)
             # pandoc makes a table in the text an uncaptioned longtable, which still
             # steps LaTeX's table counter: step it back so the numbering has no gap
-            tables = len(PIPE_TABLE.findall(cell.source))
+            tables = _to_latex(cell.source).count("\\begin{longtable}") if "|" in cell.source else 0
             if tables:
                 cells.append(nbformat.v4.new_raw_cell(f"\\addtocounter{{table}}{{-{tables}}}",
                                                       metadata={"raw_mimetype": "text/latex", "format": "text/latex"}))
