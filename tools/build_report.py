@@ -128,8 +128,6 @@ def execute_all(sources, target, lanes):
 
     def run(lane, threads):
         for source in lane:
-            if failed.is_set():
-                return
             done[source] = execute(source, target(source), threads, running, failed)
 
     for stage in stages(sources, lanes):
@@ -147,6 +145,11 @@ def execute_all(sources, target, lanes):
     return [done[s] for s in sources]
 
 
+def latex_cell(text):
+    """A raw cell whose LaTeX ``text`` nbconvert's LaTeX export passes through."""
+    return nbformat.v4.new_raw_cell(text, metadata={"raw_mimetype": "text/latex", "format": "text/latex"})
+
+
 def merge(notebooks, names=None):
     """One notebook holding every cell of ``notebooks`` in order, opened by a
     table of contents and lists of figures and tables. ``names`` (one per
@@ -157,8 +160,7 @@ def merge(notebooks, names=None):
         for cell in copy.deepcopy(nb.cells):
             cell.metadata["build_source"] = names[k] if names else f"notebook {k}"
             merged.cells.append(cell)
-    merged.cells.insert(0, nbformat.v4.new_raw_cell(CONTENTS, metadata={"raw_mimetype": "text/latex",
-                                                                           "format": "text/latex"}))
+    merged.cells.insert(0, latex_cell(CONTENTS))
     merged.metadata["title"] = "A Convolutional Neural Network from Scratch in NumPy"
     merged.metadata["authors"] = [{"name": "cnn-numpy project"}]
     return merged
@@ -350,8 +352,7 @@ def number_floats(nb):
             # steps LaTeX's table counter: step it back so the numbering has no gap
             tables = _to_latex(cell.source).count("\\begin{longtable}") if "|" in cell.source else 0
             if tables:
-                cells.append(nbformat.v4.new_raw_cell(f"\\addtocounter{{table}}{{-{tables}}}",
-                                                      metadata={"raw_mimetype": "text/latex", "format": "text/latex"}))
+                cells.append(latex_cell(f"\\addtocounter{{table}}{{-{tables}}}"))
     nb.cells = cells
     return nb, resources, log
 
