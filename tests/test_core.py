@@ -430,6 +430,21 @@ def test_maxpool_backward_follows_np_argmax_on_ties_and_nans():
     np.testing.assert_array_equal(loop.backward(dout)[0, 0], [[1, 0, 0, 0, 3, 0], [0, 0, 0, 2, 0, 0]])
 
 
+def test_maxpool_backward_takes_the_nan_path_only_in_the_blocks_that_need_it(monkeypatch):
+    # One image per block: image 1 holds a NaN (the arg-max search), images 0 and 2 compare with
+    # the maximum; signed zeros are equal, so a window of -0.0 and 0.0 is a tie: the first wins.
+    monkeypatch.setattr(C, "CHUNK_BYTES", 1)
+    rng = np.random.default_rng(43)
+    x = np.round(rng.standard_normal((3, 2, 4, 4)), 1)
+    x[1, 1, 2, 3] = np.nan
+    x[2, 0, :2, :2] = [[-0.0, 0.0], [0.0, -0.0]]
+    loop, vec = L.MaxPool2D(2, impl="loop"), L.MaxPool2D(2)
+    np.testing.assert_array_equal(vec.forward(channels_last_view(x)), loop.forward(x))
+    dout = rng.standard_normal((3, 2, 2, 2))
+    np.testing.assert_array_equal(vec.backward(channels_last_view(dout)), loop.backward(dout))
+    assert loop.backward(dout)[2, 0, 0, 0] == dout[2, 0, 0, 0]
+
+
 def test_maxpool_backward_of_an_empty_batch_is_empty():
     out, cache = C.maxpool_forward_vectorized(np.zeros((0, 2, 4, 4)))
     assert C.maxpool_backward_vectorized(out, cache).shape == (0, 2, 4, 4)
