@@ -19,6 +19,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import math
 import os
 import platform
 import resource
@@ -288,6 +289,14 @@ def bench_layers(model, L, shape, cfg):
     return rows
 
 
+def products_seconds(layers, keys=("fwd", "dW", "dX")):
+    """Seconds the matrix products ``keys`` of the layers' rows would take at the rate of
+    a plain GEMM of each one's own shape: a step's time if nothing else cost anything
+    (no im2col copies, pooling, normalisation or Python), the most im2col can give."""
+    return sum(2 * math.prod(shape) / (row["gemm_gflops"][k] * 1e9)
+               for row in layers for k, shape in row["gemm_shapes"].items() if k in keys)
+
+
 def bench_loops(model, L, shape, layer_rows, cfg):
     """Loop vs vectorized time of the conv and pool layers on a small batch, scaled to 64."""
     x, y = synthetic(BATCH, shape, seed=4)
@@ -335,13 +344,15 @@ def bench_network(name, net, cfg, code):
     tr = spread(times)
     gflops = 2 * step_macs / tr["median_s"] / 1e9
     training = dict(tr, batch=BATCH, optimizer=STEP_OPTIMIZER, images_per_s=BATCH / tr["median_s"],
-                    macs_per_step=step_macs, gflops=gflops, fraction_of_gemm=gflops / gemm_gflops)
+                    macs_per_step=step_macs, gflops=gflops, fraction_of_gemm=gflops / gemm_gflops,
+                    products_bound_fraction=2 * step_macs / products_seconds(layers) / 1e9 / gemm_gflops)
     inf = spread(infer)
     n = cfg["infer_images"]
     gflops = 2 * fwd_macs / BATCH * n / inf["median_s"] / 1e9
     batch = inspect.signature(M.Sequential.predict_proba).parameters["batch_size"].default
     inference = dict(inf, images=n, batch=batch, images_per_s=n / inf["median_s"], macs_per_image=fwd_macs // BATCH,
-                     gflops=gflops, fraction_of_gemm=gflops / gemm_gflops)
+                     gflops=gflops, fraction_of_gemm=gflops / gemm_gflops,
+                     products_bound_fraction=2 * fwd_macs / products_seconds(layers, ("fwd",)) / 1e9 / gemm_gflops)
     for key, part in (("training_fraction_of_gemm", training), ("inference_fraction_of_gemm", inference)):
         if key in net.targets:
             part.update(target=net.targets[key], meets_target=part["fraction_of_gemm"] >= net.targets[key])
@@ -525,10 +536,10 @@ def report(res):
                   "", ""],
                  [f"{name}: training step, batch {BATCH}", f"{ms(tr['median_s'])} ms",
                   f"{tr['images_per_s']:.0f} img/s, {tr['gflops']:.0f} GFLOP/s = {tr['fraction_of_gemm']:.1%} of GEMM "
-                  f"(p10-p90 {ms(tr['p10_s'])}-{ms(tr['p90_s'])} ms)",
+                  f"(p10-p90 {ms(tr['p10_s'])}-{ms(tr['p90_s'])} ms){bound(tr)}",
                   f">= {tr['target']:.0%}" if "target" in tr else "", verdict(tr)],
                  [f"{name}: inference", f"{inf['images_per_s']:.0f} img/s",
-                  f"{inf['gflops']:.0f} GFLOP/s = {inf['fraction_of_gemm']:.1%} of GEMM",
+                  f"{inf['gflops']:.0f} GFLOP/s = {inf['fraction_of_gemm']:.1%} of GEMM{bound(inf)}",
                   f">= {inf['target']:.0%}" if "target" in inf else "", verdict(inf)]]
         if r["epoch"]:
             e = r["epoch"]
@@ -556,6 +567,13 @@ def report(res):
     return "\n".join(out)
 
 
+def bound(part):
+    """", products alone X%": the fraction of the GEMM rate a step or inference would reach
+    if it took only its matrix products, each at a plain GEMM's rate for its shape
+    (``products_seconds``; not in results files before 2026-11-26)."""
+    return f", products alone {part['products_bound_fraction']:.0%}" if "products_bound_fraction" in part else ""
+
+
 def ceiling(res, r):
     """The GEMM GFLOP/s a network's fractions refer to: the one timed just before
     it (results files before 2026-11-26 have one for the whole run)."""
@@ -572,11 +590,12 @@ def markdown(res):
               f"({min(rates):.0f}–{max(rates):.0f} GFLOP/s in this run: the shared machine's speed moves)."
               if beside else f"float32 2048³ GEMM {rates[0]:.0f} GFLOP/s at the start of the run (the ceiling "
               "every fraction refers to)."), "",
-             "| network | GEMM ceiling | training step, batch 64 | % of GEMM (target) | inference | % of GEMM (target) | epoch |",
+             "| network | GEMM ceiling | training step, batch 64 | % of GEMM (target; products alone) | inference | "
+             "% of GEMM (target; products alone) | epoch |",
              "|---|---|---|---|---|---|---|"]
     for name, r in res["networks"].items():
         tr, inf, e = r["training"], r["inference"], r["epoch"]
-        target = lambda p: f" ({p['target']:.0%})" if "target" in p else ""
+        target = lambda p: f" ({p['target']:.0%}{bound(p)})" if "target" in p else f" ({bound(p)[2:]})" if bound(p) else ""
         batch = f" (batch {e['batch']})" if e and e.get("batch", BATCH) != BATCH else ""
         epoch = (f"{e['images']:,} images{batch}: {e['seconds']:.1f} s, peak {e['peak_rss_mb']:,.0f} MB" if e else "")
         lines.append(f"| {name} | {ceiling(res, r):.0f} GFLOP/s | {ms(tr['median_s'])} ms = {tr['images_per_s']:,.0f} img/s "

@@ -46,7 +46,8 @@ BENCH = {
     "mode": "full", "timestamp": "2026-11-25T22:20:00+00:00", "gemm": {"n": 2048, "gflops": 300.0},
     "machine": {"openblas": {"corename": "SkylakeX", "threads": 2}, "blas_env": {}},
     "networks": {"net": {
-        "training": {"median_s": 0.02, "images_per_s": 3200.0, "gflops": 60.0, "fraction_of_gemm": 0.2, "target": 0.3},
+        "training": {"median_s": 0.02, "images_per_s": 3200.0, "gflops": 60.0, "fraction_of_gemm": 0.2, "target": 0.3,
+                     "products_bound_fraction": 0.62},
         "inference": {"images_per_s": 9000.0, "gflops": 70.0, "fraction_of_gemm": 0.233},
         "epoch": {"images": 55000, "seconds": 20.5, "peak_rss_mb": 400.0},
         "layers": [
@@ -63,7 +64,8 @@ def test_benchmark_summary_is_bench_py_markdown_split_in_two(tmp_path):
     assert sentence.startswith("Measured 2026-11-25 (full run), kernel: OpenBLAS core SkylakeX, 2 threads")
     lines = table.splitlines()
     assert lines[0].startswith("| network | GEMM ceiling |") and lines[2].startswith("| net | 300 GFLOP/s | 20.0 ms = 3,200 img/s")
-    assert "**20.0%** (30%)" in lines[2] and "55,000 images: 20.5 s, peak 400 MB" in lines[2]
+    assert "**20.0%** (30%, products alone 62%)" in lines[2] and "55,000 images: 20.5 s, peak 400 MB" in lines[2]
+    assert "**23.3%** |" in lines[2]                         # no bound recorded (older files): nothing added
     path.write_text("{}")
     with pytest.raises(RuntimeError, match="--markdown"):
         B.benchmark_summary(path)
