@@ -5,6 +5,7 @@ import sys
 import numpy as np
 import pytest
 
+import cnn_core as C
 import cnn_layers as L
 import cnn_model as M
 import cnn_speed as B
@@ -78,3 +79,19 @@ def test_benchmark_layer_table_rows_and_missing_numbers():
     assert lines[3] == "| 1 ReLU | 0.60 |  | 1.40 |  |"
     with pytest.raises(ValueError, match="no network 'cifar'"):
         B.benchmark_layer_table(BENCH, "cifar")
+
+
+def test_winograd_probe_computes_the_loop_convolution(tmp_path):
+    # benchmarks/winograd.py times Winograd F(2x2, 3x3) against im2col: its convolution must be
+    # the same maths (odd and even sizes, float64), and the script writes its measurements.
+    sys.path.insert(0, str(B.ROOT / "benchmarks"))
+    import winograd
+    rng = np.random.default_rng(7)
+    for n, c, f, size in ((2, 3, 4, 5), (1, 2, 3, 6), (3, 1, 2, 1)):
+        x, W, b = rng.standard_normal((n, c, size, size)), rng.standard_normal((f, c, 3, 3)), rng.standard_normal(f)
+        expected = C.conv2d_forward_loop(x, W, b, padding=(1, 1))[0]
+        got = winograd.winograd_conv(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), W, b, images=2)
+        np.testing.assert_allclose(got.transpose(0, 3, 1, 2), expected, rtol=1e-10, atol=1e-12)
+    winograd.main(["--quick", "--json", str(tmp_path / "w.json")])
+    rows = json.loads((tmp_path / "w.json").read_text())["layers"]
+    assert len(rows) == 2 and all(r["relative_error"] < 1e-5 and r["winograd_ms"] > 0 for r in rows)
