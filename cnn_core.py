@@ -500,11 +500,12 @@ def maxpool_backward_vectorized(dout, cache):
 
 def _first_max_grad(x_views, out, g, dx_views):
     """dx_views[k] = g where offset k is the first to hold the window's maximum ``out``,
-    else 0, for windows side by side (each pixel in one window)."""
+    else 0, for windows side by side (each pixel in one window). x_views, dx_views: one
+    (n, C, OH, OW) view per offset k; out, g: (n, C, OH, OW)."""
     hit, taken = np.empty_like(out, dtype=bool), np.zeros_like(out, dtype=bool)   # out's memory order
     for xk, dxk in zip(x_views, dx_views):
         np.equal(xk, out, out=hit)
-        np.greater(hit, taken, out=hit)        # hit and not taken by an earlier offset
+        hit &= ~taken                          # a tie goes to the first offset
         taken |= hit
         np.multiply(g, hit, out=dxk)
 

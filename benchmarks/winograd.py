@@ -15,8 +15,8 @@ both on the 3x3 layers of the report's networks (forward pass only: it is the ea
     python benchmarks/winograd.py --quick    # two small layers, one repeat (a smoke test)
 
 The transforms are additions of strided slices that each read a few dozen contiguous values
-(a pixel's channels): NumPy does them at a few GB/s, and they cost more than the saved
-multiplications. The measured times are in winograd.json.
+(a pixel's channels), and they cost more than the saved multiplications: winograd.json has,
+for every layer, both convolutions' times and that of Winograd's 16 products alone.
 """
 from __future__ import annotations
 
@@ -37,8 +37,13 @@ import cnn_files as F         # noqa: E402
 
 G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])    # filter transform (4 x 3)
 # B^T (input transform) and A^T (output transform) have entries 0 and +-1: written as sums below.
-LAYERS = [(64, 24, 64, 31), (64, 64, 64, 15), (64, 64, 128, 15), (64, 128, 128, 7), (64, 128, 256, 7),
-          (64, 256, 256, 3), (64, 32, 64, 14)]            # (batch, C_in, C_out, size): cifar_net, mnist_net_v2
+# (batch, C_in, C_out, size) of every 3x3 convolution in the report's networks (bench.py's NETWORKS)
+LAYERS = {"cifar_net": [(64, 24, 64, 31), (64, 64, 64, 15), (64, 64, 128, 15), (64, 128, 128, 7),
+                        (64, 128, 256, 7), (64, 256, 256, 3)],
+          "mnist_net_v2": [(64, 1, 32, 28), (64, 32, 64, 14), (64, 64, 64, 7), (64, 64, 128, 7), (64, 128, 128, 3)],
+          "mnist_cnn": [(64, 1, 32, 28), (64, 32, 64, 14)],
+          "cifar (notebook 4)": [(64, 3, 32, 32), (64, 32, 32, 32), (64, 32, 64, 16), (64, 64, 64, 16),
+                                 (64, 64, 128, 8), (64, 128, 128, 8)]}
 
 
 def filter_transform(W):
@@ -70,17 +75,20 @@ def output_transform(M, out, bias):
             np.add(y[:, :dst.shape[1], :dst.shape[2]], bias, out=dst)
 
 
-def winograd_conv(x, W, b, images=8):
-    """3x3 convolution, stride 1, padding 1: x (N, H, W, C) channels-last -> (N, H, W, F)."""
+def winograd_conv(x, W, b, images=8, work=None):
+    """3x3 convolution, stride 1, padding 1: x (N, H, W, C) channels-last -> (N, H, W, F),
+    ``images`` at a time; ``work``: a ``cnn_core.Workspace`` for the padded input and the
+    transformed tiles, reused from call to call as the im2col convolution reuses its own."""
+    work = C.Workspace() if work is None else work
     N, H, Wd, Cin = x.shape
     Fo = W.shape[0]
     TH, TW = (H + 1) // 2, (Wd + 1) // 2                            # 2x2 output tiles
-    xp = np.zeros((N, 2 * TH + 2, 2 * TW + 2, Cin), x.dtype)
+    xp = work.get("xp", (N, 2 * TH + 2, 2 * TW + 2, Cin), x.dtype, zeros=True)   # the border stays 0
     xp[:, 1:1 + H, 1:1 + Wd] = x
     U = filter_transform(W)
     out = np.empty((N, H, Wd, Fo), x.dtype)
-    V = np.empty((4, 4, images, TH, TW, Cin), x.dtype)
-    M = np.empty((4, 4, images, TH, TW, Fo), x.dtype)
+    V = work.get("V", (4, 4, images, TH, TW, Cin), x.dtype)
+    M = work.get("M", (4, 4, images, TH, TW, Fo), x.dtype)
     for n0 in range(0, N, images):
         n = min(images, N - n0)
         input_transform(xp[n0:n0 + n], TH, TW, V[:, :, :n])
@@ -109,9 +117,16 @@ def compare(batch, cin, cout, size, repeats, rng):
     if error > 1e-5:
         raise AssertionError(f"Winograd and im2col disagree on {(batch, cin, cout, size)}: relative error {error:.1e}")
     im2col = median_ms(lambda: C.conv2d_forward_vectorized(nchw, W, b, padding=(1, 1), work=work), repeats)
-    winograd = median_ms(lambda: winograd_conv(x, W, b), repeats)
+    wino_work = C.Workspace()
+    winograd = median_ms(lambda: winograd_conv(x, W, b, work=wino_work), repeats)
+    # its 16 products alone, on every tile at once: the rest of its time is the transforms
+    T = batch * ((size + 1) // 2) ** 2
+    V, U = rng.standard_normal((16, T, cin), dtype=np.float32), filter_transform(W)
+    M = np.empty((16, T, cout), np.float32)
+    products = median_ms(lambda: np.matmul(V, U, out=M), repeats)
     return {"batch": batch, "in_channels": cin, "out_channels": cout, "size": size, "relative_error": error,
-            "im2col_ms": im2col, "winograd_ms": winograd, "winograd_over_im2col": winograd / im2col}
+            "im2col_ms": im2col, "winograd_ms": winograd, "winograd_products_ms": products,
+            "winograd_over_im2col": winograd / im2col}
 
 
 def main(argv=None):
@@ -119,15 +134,19 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="two small layers, one repeat")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "winograd.json"))
     args = parser.parse_args(argv)
-    layers, repeats = ([(4, 8, 16, 7), (2, 16, 8, 6)], 1) if args.quick else (LAYERS, 9)
+    layers, repeats = ({"smoke": [(4, 8, 16, 7), (2, 16, 8, 6)]}, 1) if args.quick else (LAYERS, 9)
     rng = np.random.default_rng(0)
-    rows = []
-    for shape in layers:
-        rows.append(compare(*shape, repeats, rng))
-        r = rows[-1]
-        print(f"batch {r['batch']}, {r['in_channels']}->{r['out_channels']} at {r['size']}x{r['size']}: "
-              f"im2col {r['im2col_ms']:.2f} ms, Winograd {r['winograd_ms']:.2f} ms "
-              f"({r['winograd_over_im2col']:.2f}x), relative difference {r['relative_error']:.0e}", flush=True)
+    rows, done = [], {}
+    for network, shapes in layers.items():
+        for shape in shapes:
+            if shape not in done:                                    # a layer two networks share: once
+                done[shape] = compare(*shape, repeats, rng)
+                r = done[shape]
+                print(f"batch {r['batch']}, {r['in_channels']}->{r['out_channels']} at {r['size']}x{r['size']}: "
+                      f"im2col {r['im2col_ms']:.2f} ms, Winograd {r['winograd_ms']:.2f} ms "
+                      f"({r['winograd_over_im2col']:.2f}x; its products alone {r['winograd_products_ms']:.2f} ms), "
+                      f"relative difference {r['relative_error']:.0e}", flush=True)
+            rows.append({"network": network, **done[shape]})
     result = {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": args.quick,
               "repeats": repeats, "layers": rows}
     with F.atomic_write(args.json) as f:

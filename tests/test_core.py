@@ -434,6 +434,10 @@ def test_maxpool_backward_takes_the_nan_path_only_in_the_blocks_that_need_it(mon
     # One image per block: image 1 holds a NaN (the arg-max search), images 0 and 2 compare with
     # the maximum; signed zeros are equal, so a window of -0.0 and 0.0 is a tie: the first wins.
     monkeypatch.setattr(C, "CHUNK_BYTES", 1)
+    fast_blocks = []                                    # the images each comparison-path call received
+    first_max_grad = C._first_max_grad
+    monkeypatch.setattr(C, "_first_max_grad", lambda xs, out, *rest: (fast_blocks.append(len(out)),
+                                                                      first_max_grad(xs, out, *rest)))
     rng = np.random.default_rng(43)
     x = np.round(rng.standard_normal((3, 2, 4, 4)), 1)
     x[1, 1, 2, 3] = np.nan
@@ -443,6 +447,7 @@ def test_maxpool_backward_takes_the_nan_path_only_in_the_blocks_that_need_it(mon
     dout = rng.standard_normal((3, 2, 2, 2))
     np.testing.assert_array_equal(vec.backward(channels_last_view(dout)), loop.backward(dout))
     assert loop.backward(dout)[2, 0, 0, 0] == dout[2, 0, 0, 0]
+    assert fast_blocks == [1, 1]                        # images 0 and 2; image 1 took the arg-max search
 
 
 def test_maxpool_backward_of_an_empty_batch_is_empty():

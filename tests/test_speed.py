@@ -81,10 +81,10 @@ def test_benchmark_layer_table_rows_and_missing_numbers():
         B.benchmark_layer_table(BENCH, "cifar")
 
 
-def test_winograd_probe_computes_the_loop_convolution(tmp_path):
+def test_winograd_probe_computes_the_loop_convolution(tmp_path, monkeypatch):
     # benchmarks/winograd.py times Winograd F(2x2, 3x3) against im2col: its convolution must be
     # the same maths (odd and even sizes, float64), and the script writes its measurements.
-    sys.path.insert(0, str(B.ROOT / "benchmarks"))
+    monkeypatch.syspath_prepend(str(B.ROOT / "benchmarks"))
     import winograd
     rng = np.random.default_rng(7)
     for n, c, f, size in ((2, 3, 4, 5), (1, 2, 3, 6), (3, 1, 2, 1)):
