@@ -160,7 +160,7 @@ def gemm_shapes(layer, L, in_shape, out_shape):
         window = int(np.prod(layer.params["W"].shape[2:]))
         rows = int(np.prod(out_shape[:1] + out_shape[2:]))
         in_rows = int(np.prod(in_shape[:1] + in_shape[2:]))
-        stride_1 = all(st == 1 for st in layer.stride)
+        stride_1 = np.all(np.asarray(layer.stride) == 1)             # Conv2D: a pair; Conv1D: an int
         return {"fwd": (rows, C * window, F), "dW": (F, rows, C * window),       # dW^T = g^T @ cols
                 # dX: stride 1, a convolution of the padded gradient (K = F*window); else g @ W (col2im)
                 "dX": (in_rows, F * window, C) if stride_1 else (rows, F, C * window)}
