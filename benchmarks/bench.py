@@ -170,33 +170,39 @@ def gemm_shapes(layer, L, in_shape, out_shape):
     return {}
 
 
-def gemm_rate(m, k, n, repeats):
-    """Median GFLOP/s of a float32 (m, k) @ (k, n) product with a preallocated output."""
+def bench_shape_rates(rows, cfg, n=2048):
+    """Rounds of one float32 n^3 GEMM followed by one plain GEMM of every distinct product
+    shape of the per-layer ``rows``: each round's shapes and ceiling share a moment of the
+    machine, whose rate drifts by a third within a minute. Fills the rows' ``gemm_gflops``
+    and ``gemm_bwd_gflops`` with median rates; returns ``products_fraction(keys, macs)``:
+    the median over the rounds of 2 * macs / (that round's time of the products ``keys``) /
+    (that round's n^3 rate), the fraction of the ceiling a step doing nothing but those
+    products, each at its shape's plain-GEMM speed, would reach."""
     rng = np.random.default_rng(0)
-    a, b = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((k, n), dtype=np.float32)
-    out = np.empty((m, n), np.float32)
-    np.matmul(a, b, out=out)
-    return 2 * m * k * n / statistics.median(timed(lambda: np.matmul(a, b, out=out)) for _ in range(repeats)) / 1e9
-
-
-def bench_shape_rates(rows, cfg):
-    """Time a 2048^3 GEMM, then a plain GEMM of every product shape in the per-layer
-    ``rows`` (each distinct shape once), back to back: the "GEMM" columns of the layer
-    table and the products-alone bound then refer to one moment of the machine. Fills
-    ``gemm_gflops`` and ``gemm_bwd_gflops`` in place; returns the 2048^3 measurement."""
-    ceiling = bench_gemm(2048, cfg["gemm_repeats"])
-    rates = {}
+    shapes = {tuple(mkn) for row in rows for mkn in row["gemm_shapes"].values()} | {(n, n, n)}
+    operands = {mkn: (rng.standard_normal(mkn[:2], dtype=np.float32), rng.standard_normal(mkn[1:], dtype=np.float32),
+                      np.empty((mkn[0], mkn[2]), np.float32)) for mkn in shapes}
+    times = {mkn: [] for mkn in shapes}
+    for round_ in range(1 + cfg["gemm_shape_repeats"]):             # round 0: warm-up
+        for mkn in sorted(shapes, key=lambda mkn: mkn != (n, n, n)):   # the ceiling first
+            a, b, out = operands[mkn]
+            t = timed(lambda: np.matmul(a, b, out=out))
+            if round_:
+                times[mkn].append(t)
+    rate = {mkn: 2 * math.prod(mkn) / statistics.median(t) / 1e9 for mkn, t in times.items()}
     for row in rows:
-        shapes = {k: tuple(v) for k, v in row["gemm_shapes"].items()}
-        for mkn in shapes.values():
-            if mkn not in rates:
-                rates[mkn] = gemm_rate(*mkn, cfg["gemm_shape_repeats"])
-        row["gemm_gflops"] = {k: rates[mkn] for k, mkn in shapes.items()}
-        bwd = [k for k in ("dW", "dX") if k in shapes]
+        mkn = {k: tuple(v) for k, v in row["gemm_shapes"].items()}
+        row["gemm_gflops"] = {k: rate[v] for k, v in mkn.items()}
+        bwd = [k for k in ("dW", "dX") if k in mkn]
         # the backward's GEMMs at their own rates: the time they would take, as a rate
-        row["gemm_bwd_gflops"] = (2 * row["bwd_macs"] / sum(2 * math.prod(shapes[k]) / rates[shapes[k]] / 1e9
-                                                            for k in bwd) / 1e9 if bwd else None)
-    return ceiling
+        row["gemm_bwd_gflops"] = (2 * row["bwd_macs"] / sum(2 * math.prod(mkn[k]) / rate[mkn[k]] / 1e9 for k in bwd)
+                                  / 1e9 if bwd else None)
+
+    def products_fraction(keys, macs):
+        used = [tuple(v) for row in rows for k, v in row["gemm_shapes"].items() if k in keys]
+        return statistics.median(2 * macs / sum(times[mkn][r] for mkn in used) / (2 * n ** 3 / times[(n, n, n)][r])
+                                 for r in range(cfg["gemm_shape_repeats"]))
+    return products_fraction
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -304,15 +310,6 @@ def bench_layers(model, L, shape, cfg):
     return rows
 
 
-def products_seconds(layers, keys=("fwd", "dW", "dX")):
-    """Seconds the matrix products ``keys`` of the layers' rows would take at the rate of
-    a plain GEMM of each one's own shape: a step's time if nothing else cost anything
-    (no im2col copies, pooling, normalisation or Python). An estimate of what im2col
-    can reach, not a hard limit (products in cache-sized blocks can run a little faster)."""
-    return sum(2 * math.prod(shape) / (row["gemm_gflops"][k] * 1e9)
-               for row in layers for k, shape in row["gemm_shapes"].items() if k in keys)
-
-
 def bench_loops(model, L, shape, layer_rows, cfg):
     """Loop vs vectorized time of the conv and pool layers on a small batch, scaled to 64."""
     x, y = synthetic(BATCH, shape, seed=4)
@@ -356,29 +353,25 @@ def bench_network(name, net, cfg, code):
     log(f"{name}: layers ...")
     layers = bench_layers(model, L, net.input_shape, cfg)
     log(f"{name}: GEMMs of the layers' shapes ...")
-    # a ceiling of their own, timed with them: the machine's rate moves between the phases of a run
-    shapes_gemm = bench_shape_rates(layers, cfg)
+    products_fraction = bench_shape_rates(layers, cfg)
     fwd_macs = sum(r["fwd_macs"] for r in layers)
     step_macs = fwd_macs + sum(r["bwd_macs"] for r in layers)      # the first layer's dX is already left out
     tr = spread(times)
     gflops = 2 * step_macs / tr["median_s"] / 1e9
     training = dict(tr, batch=BATCH, optimizer=STEP_OPTIMIZER, images_per_s=BATCH / tr["median_s"],
                     macs_per_step=step_macs, gflops=gflops, fraction_of_gemm=gflops / gemm_gflops,
-                    products_bound_fraction=(2 * step_macs / products_seconds(layers) / 1e9
-                                             / shapes_gemm["median_gflops"]))
+                    products_bound_fraction=products_fraction(("fwd", "dW", "dX"), step_macs))
     inf = spread(infer)
     n = cfg["infer_images"]
     gflops = 2 * fwd_macs / BATCH * n / inf["median_s"] / 1e9
     batch = inspect.signature(M.Sequential.predict_proba).parameters["batch_size"].default
     inference = dict(inf, images=n, batch=batch, images_per_s=n / inf["median_s"], macs_per_image=fwd_macs // BATCH,
                      gflops=gflops, fraction_of_gemm=gflops / gemm_gflops,
-                     products_bound_fraction=(2 * fwd_macs / products_seconds(layers, ("fwd",)) / 1e9
-                                              / shapes_gemm["median_gflops"]))
+                     products_bound_fraction=products_fraction(("fwd",), fwd_macs))
     for key, part in (("training_fraction_of_gemm", training), ("inference_fraction_of_gemm", inference)):
         if key in net.targets:
             part.update(target=net.targets[key], meets_target=part["fraction_of_gemm"] >= net.targets[key])
     result = {"description": net.description, "build": net.build, "input_shape": list(net.input_shape), "gemm": gemm,
-              "gemm_beside_shapes": shapes_gemm,
               "parameters": int(sum(p.size for layer in model.layers for p in layer.params.values())),
               "training": training, "inference": inference, "layers": layers, "epoch": None,
               "workspace_mb": sum(layer.work.nbytes() for layer in model.layers
@@ -598,8 +591,8 @@ def target_and_bound(part):
 def bound(part):
     """", products alone X%": the fraction of the GEMM rate a step or inference would reach
     if it took only its matrix products, each at a plain GEMM's rate for its shape
-    (``products_seconds``, medians), against the median of 2048^3 GEMMs timed just before
-    those shapes (``gemm_beside_shapes``); not in results files before 2026-11-26."""
+    (``bench_shape_rates``: rounds of the ceiling and the shapes, the median of their ratios);
+    an estimate, not a hard limit. Not in results files before 2026-11-26."""
     return f", products alone {part['products_bound_fraction']:.0%}" if "products_bound_fraction" in part else ""
 
 
