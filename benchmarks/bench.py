@@ -230,23 +230,53 @@ def training_step(model, L, T):
     return step
 
 
-def bench_training(model, L, T, shape, warmup, steps):
-    """Per-step times over 8 synthetic batches cycled."""
+ROUND_STEPS = 10        # a 2048^3 GEMM is timed before every this many training steps
+
+
+def gemm_seconds(n=2048):
+    """A function timing one float32 n^3 GEMM (seconds), operands made once."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
+    c = np.empty((n, n), np.float32)
+    np.matmul(a, b, out=c)
+    return lambda: timed(lambda: np.matmul(a, b, out=c))
+
+
+def bench_training(model, L, T, shape, warmup, steps, gemm):
+    """Per-step times over 8 synthetic batches cycled, and for each step the time of the
+    GEMM (``gemm()``) timed just before its round of ROUND_STEPS steps."""
     xs, ys = synthetic(8 * BATCH, shape, seed=1)
-    step, times = training_step(model, L, T), []
+    step, times, gemms = training_step(model, L, T), [], []
     for s in range(warmup + steps):
+        if s >= warmup and (s - warmup) % ROUND_STEPS == 0:
+            g = gemm()
         i = (s % 8) * BATCH
         t = timed(lambda: step(xs[i:i + BATCH], ys[i:i + BATCH]))
         if s >= warmup:
             times.append(t)
-    return times
+            gemms.append(g)
+    return times, gemms
 
 
-def bench_inference(model, shape, n_images, repeats):
-    """Times of ``model.predict_proba`` (its default batches of 64) on n_images."""
+def bench_inference(model, shape, n_images, repeats, gemm):
+    """Times of ``model.predict_proba`` (its default batches of 64) on n_images, each
+    after a GEMM (``gemm()``), and those GEMMs' times."""
     x, _ = synthetic(n_images, shape, seed=2)
     model.predict_proba(x[:256])                                                    # warm-up
-    return [timed(lambda: model.predict_proba(x)) for _ in range(repeats)]
+    times, gemms = [], []
+    for _ in range(repeats):
+        gemms.append(gemm())
+        times.append(timed(lambda: model.predict_proba(x)))
+    return times, gemms
+
+
+def fraction_of_gemm(flop, times, gemms, n=2048):
+    """Median over rounds (runs of equal GEMM times) of (flop / the round's median time) /
+    (that round's n^3 GEMM rate): each rate against the machine's speed of its moment."""
+    rounds = {}
+    for t, g in zip(times, gemms):
+        rounds.setdefault(g, []).append(t)
+    return statistics.median(flop / statistics.median(ts) / (2 * n ** 3 / g) for g, ts in rounds.items())
 
 
 def trace(model, L, x, y):
@@ -338,18 +368,21 @@ def bench_loops(model, L, shape, layer_rows, cfg):
 
 
 def bench_network(name, net, cfg, code):
-    """Every measurement of one network. Its fractions of the GEMM rate refer to a
-    2048^3 GEMM timed just before it: on a shared machine the ceiling itself moves
-    (163 to 283 GFLOP/s within one run on 2026-11-25)."""
+    """Every measurement of one network. Its fractions of the GEMM rate are medians of
+    rounds, each against a 2048^3 GEMM timed at its start: on a shared machine the
+    ceiling itself moves (163 to 283 GFLOP/s within one run on 2026-11-25; 248 to 359
+    between networks on 2026-11-26, which moved cifar_net's fraction from 30 % to 43 %
+    with one ceiling per network)."""
     C, L, M, T = code
-    log(f"{name}: GEMM ceiling ...")
-    gemm = bench_gemm(2048, cfg["gemm_repeats"])
-    gemm_gflops = gemm["gflops"]
-    log(f"{name}: training steps ...")
+    gemm = gemm_seconds()
+    log(f"{name}: training steps (a GEMM before every {ROUND_STEPS}) ...")
     model = build(net, M, L)
-    times = bench_training(model, L, T, net.input_shape, cfg["warmup"], cfg["steps"])
+    times, train_gemms = bench_training(model, L, T, net.input_shape, cfg["warmup"], cfg["steps"], gemm)
     log(f"{name}: inference ...")
-    infer = bench_inference(model, net.input_shape, cfg["infer_images"], cfg["infer_repeats"])
+    infer, infer_gemms = bench_inference(model, net.input_shape, cfg["infer_images"], cfg["infer_repeats"], gemm)
+    rates = [2 * 2048 ** 3 / g / 1e9 for g in sorted(set(train_gemms)) + infer_gemms]
+    gemm_record = {"n": 2048, "timed": "before every round of training steps and every inference pass",
+                   "gflops_each": rates, "gflops": statistics.median(rates)}
     log(f"{name}: layers ...")
     layers = bench_layers(model, L, net.input_shape, cfg)
     log(f"{name}: GEMMs of the layers' shapes ...")
@@ -359,19 +392,21 @@ def bench_network(name, net, cfg, code):
     tr = spread(times)
     gflops = 2 * step_macs / tr["median_s"] / 1e9
     training = dict(tr, batch=BATCH, optimizer=STEP_OPTIMIZER, images_per_s=BATCH / tr["median_s"],
-                    macs_per_step=step_macs, gflops=gflops, fraction_of_gemm=gflops / gemm_gflops,
+                    macs_per_step=step_macs, gflops=gflops,
+                    fraction_of_gemm=fraction_of_gemm(2 * step_macs, times, train_gemms),
                     products_bound_fraction=products_fraction(("fwd", "dW", "dX"), step_macs))
     inf = spread(infer)
     n = cfg["infer_images"]
     gflops = 2 * fwd_macs / BATCH * n / inf["median_s"] / 1e9
     batch = inspect.signature(M.Sequential.predict_proba).parameters["batch_size"].default
     inference = dict(inf, images=n, batch=batch, images_per_s=n / inf["median_s"], macs_per_image=fwd_macs // BATCH,
-                     gflops=gflops, fraction_of_gemm=gflops / gemm_gflops,
+                     gflops=gflops, fraction_of_gemm=fraction_of_gemm(2 * fwd_macs / BATCH * n, infer, infer_gemms),
                      products_bound_fraction=products_fraction(("fwd",), fwd_macs))
     for key, part in (("training_fraction_of_gemm", training), ("inference_fraction_of_gemm", inference)):
         if key in net.targets:
             part.update(target=net.targets[key], meets_target=part["fraction_of_gemm"] >= net.targets[key])
-    result = {"description": net.description, "build": net.build, "input_shape": list(net.input_shape), "gemm": gemm,
+    result = {"description": net.description, "build": net.build, "input_shape": list(net.input_shape),
+              "gemm": gemm_record,
               "parameters": int(sum(p.size for layer in model.layers for p in layer.params.values())),
               "training": training, "inference": inference, "layers": layers, "epoch": None,
               "workspace_mb": sum(layer.work.nbytes() for layer in model.layers
@@ -547,7 +582,7 @@ def report(res):
              f"(median {g['median_gflops']:.0f})", "", ""]]
     for name, r in res["networks"].items():
         tr, inf = r["training"], r["inference"]
-        head += [[f"{name}: GEMM ceiling just before", f"{ceiling(res, r):.0f} GFLOP/s", "its fractions refer to it",
+        head += [[f"{name}: GEMM ceiling", f"{ceiling(res, r):.0f} GFLOP/s", "median of those timed with its rounds",
                   "", ""],
                  [f"{name}: training step, batch {BATCH}", f"{ms(tr['median_s'])} ms",
                   f"{tr['images_per_s']:.0f} img/s, {tr['gflops']:.0f} GFLOP/s = {tr['fraction_of_gemm']:.1%} of GEMM "
@@ -597,8 +632,8 @@ def bound(part):
 
 
 def ceiling(res, r):
-    """The GEMM GFLOP/s a network's fractions refer to: the one timed just before
-    it (results files before 2026-11-26 have one for the whole run)."""
+    """A network's GEMM GFLOP/s: the median of those timed with its rounds (files before
+    09:20 on 2026-11-26: the one timed just before it; before 2026-11-26: one for the run)."""
     return r.get("gemm", res["gemm"])["gflops"]
 
 
@@ -606,11 +641,14 @@ def markdown(res):
     """The README's speed table, from a results file."""
     m = res["machine"]
     rates = [ceiling(res, r) for r in res["networks"].values()]
+    rounds = all("gflops_each" in r.get("gemm", {}) for r in res["networks"].values())
     beside = all("gemm" in r for r in res["networks"].values())
+    span = f"({min(rates):.0f}–{max(rates):.0f} GFLOP/s in this run: the shared machine's speed moves)"
     lines = [f"Measured {res['timestamp'][:10]} ({res['mode']} run), kernel: {kernel_line(m)}; " +
-             (f"every fraction refers to a float32 2048³ GEMM timed just before that network "
-              f"({min(rates):.0f}–{max(rates):.0f} GFLOP/s in this run: the shared machine's speed moves)."
-              if beside else f"float32 2048³ GEMM {rates[0]:.0f} GFLOP/s at the start of the run (the ceiling "
+             (f"every fraction is a median over rounds, each against a float32 2048³ GEMM timed at its start; the "
+              f"ceiling column is the median of a network's GEMMs {span}." if rounds else
+              f"every fraction refers to a float32 2048³ GEMM timed just before that network {span}." if beside
+              else f"float32 2048³ GEMM {rates[0]:.0f} GFLOP/s at the start of the run (the ceiling "
               "every fraction refers to)."), "",
              "| network | GEMM ceiling | training step, batch 64 | % of GEMM (target, products alone) | inference | "
              "% of GEMM (target, products alone) | epoch |",
