@@ -85,7 +85,7 @@ NETWORKS = {
                          "frozen 2x2 whitening stem, 3 blocks 64/128/256; batch 128, averaged weights, "
                          "label smoothing)", CIFAR_NET, (3, 32, 32),
                          {"training_fraction_of_gemm": 0.45, "inference_fraction_of_gemm": 0.45},
-                         Epoch(45_000, "T.SGD(0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)",
+                         Epoch(45_000, "T.SGD(0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)",   # CIFAR_RECIPE's
                                "T.augmentation(crop=2, flip=True)", {"seconds": 60.0, "peak_rss_mb": 2000.0},
                                batch=128, fit="dict(ema=0.998, label_smoothing=0.2)")),
     "rows": Network("row-sequence network (notebook 4: rows as 32 vectors of 96, Conv1D 128/256)",
@@ -380,7 +380,7 @@ def bench_network(name, net, cfg, code):
     times, train_gemms = bench_training(model, L, T, net.input_shape, cfg["warmup"], cfg["steps"], gemm)
     log(f"{name}: inference ...")
     infer, infer_gemms = bench_inference(model, net.input_shape, cfg["infer_images"], cfg["infer_repeats"], gemm)
-    rates = [2 * 2048 ** 3 / g / 1e9 for g in sorted(set(train_gemms)) + infer_gemms]
+    rates = [2 * 2048 ** 3 / g / 1e9 for g in list(dict.fromkeys(train_gemms)) + infer_gemms]   # in time order
     gemm_record = {"n": 2048, "timed": "before every round of training steps and every inference pass",
                    "gflops_each": rates, "gflops": statistics.median(rates)}
     log(f"{name}: layers ...")
