@@ -618,9 +618,12 @@ def report(res):
 
 
 def target_and_bound(part):
-    """" (30%, products alone 51%)": a fraction's target and bound, as far as recorded."""
-    notes = ([f"{part['target']:.0%}"] if "target" in part else []) + [bound(part)[2:]] * bool(bound(part))
-    return f" ({', '.join(notes)})" if notes else ""
+    """" (30%, 51%)": a fraction's target ("–": none) and products-alone estimate, the order
+    of the table's header; " (30%)" for files without the estimate, "" with neither."""
+    target = f"{part['target']:.0%}" if "target" in part else "–"
+    if "products_bound_fraction" in part:
+        return f" ({target}, {part['products_bound_fraction']:.0%})"
+    return f" ({target})" if "target" in part else ""
 
 
 def bound(part):
