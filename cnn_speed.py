@@ -98,6 +98,16 @@ def benchmark_summary(json_path, script=BENCH_SCRIPT):
     return MarkdownText(sentence), MarkdownText(table)
 
 
+def table_columns(table, columns):
+    """The Markdown pipe ``table`` with only the ``columns`` (indices, in that order): a
+    wide table shown as two narrower ones (the PDF scales a too-wide table down)."""
+    rows = [[cell.strip() for cell in line.strip().strip("|").split(" | ")]
+            for line in table.strip().splitlines() if not set(line) <= set("|-: ")]
+    if any(len(row) != len(rows[0]) for row in rows):
+        raise ValueError("table_columns: a row has another number of cells than the header (a '|' inside a cell?)")
+    return markdown_table([rows[0][c] for c in columns], [[row[c] for c in columns] for row in rows[1:]])
+
+
 def benchmark_layer_table(bench, network):
     """A Markdown table of one network's per-layer times in a benchmark results
     dict (``bench["networks"][network]["layers"]``): forward and backward

@@ -67,6 +67,9 @@ def test_benchmark_summary_is_bench_py_markdown_split_in_two(tmp_path):
     assert lines[0].startswith("| network | GEMM ceiling |") and lines[2].startswith("| net | 300 GFLOP/s | 20.0 ms = 3,200 img/s")
     assert "**20.0%** (30%, 62%)" in lines[2] and "55,000 images: 20.5 s, peak 400 MB" in lines[2]
     assert "**23.3%** |" in lines[2]                         # no bound recorded (older files): nothing added
+    training = B.table_columns(table, [0, 2, 3]).splitlines()
+    assert training[0] == "| network | training step, batch 64 | % of GEMM (target, products alone) |"
+    assert training[2] == "| net | 20.0 ms = 3,200 img/s = 60 GFLOP/s | **20.0%** (30%, 62%) |"
     path.write_text("{}")
     with pytest.raises(RuntimeError, match="--markdown"):
         B.benchmark_summary(path)
