@@ -248,7 +248,7 @@ def _blocks(windows):
     """Blocks (n0, n1, r0, r1) of images n0:n1 and output rows r0:r1 whose im2col rows
     take about CHUNK_BYTES: whole images when one fits, else bands of one image."""
     N, OH = windows.shape[:2]
-    rows = max(1, CHUNK_BYTES // (windows[0, 0].size * windows.itemsize))
+    rows = max(1, CHUNK_BYTES // (math.prod(windows.shape[2:]) * windows.itemsize or 1))
     if rows >= OH:
         images = rows // OH
         return [(n, min(N, n + images), 0, OH) for n in range(0, N, images)]
@@ -285,7 +285,7 @@ def _conv_products(windows, W_mat, out, work, name, bias=None, channels_first=Fa
 def _conv_filter_products(windows, g, work, name, channels_first=False):
     """dW_mat^T (F, kh*kw*C) = g^T @ im2col(windows), summed block by block: each
     filter's gradient is one row, in the order of ``_filter_matrix``'s columns."""
-    dW = 0                                                      # the first block's product, then in place
+    dW = np.zeros((g.shape[-1], math.prod(windows.shape[3:])), g.dtype)   # stays 0 for an empty batch
     for n0, n1, r0, r1 in _blocks(windows):
         cols = _block_cols(windows, (n0, n1, r0, r1), work, name, channels_first)
         dW += g[n0:n1, r0:r1].reshape(-1, g.shape[-1]).T @ cols

@@ -450,6 +450,17 @@ def test_maxpool_backward_takes_the_nan_path_only_in_the_blocks_that_need_it(mon
     assert fast_blocks == [1, 1]                        # images 0 and 2; image 1 took the arg-max search
 
 
+@pytest.mark.parametrize("channels", [3, 8])          # channels-first and channels-last im2col
+def test_conv_of_an_empty_batch_is_empty_like_the_loop(channels):
+    x, W, b = np.zeros((0, channels, 5, 5)), np.ones((4, channels, 3, 3)), np.zeros(4)
+    for stride in ((1, 1), (2, 2)):
+        out, cache = C.conv2d_forward_vectorized(x, W, b, stride, (1, 1))
+        loop_out, loop_cache = C.conv2d_forward_loop(x, W, b, stride, (1, 1))
+        assert out.shape == loop_out.shape
+        for got, expected in zip(C.conv2d_backward_vectorized(out, cache), C.conv2d_backward_loop(loop_out, loop_cache)):
+            np.testing.assert_array_equal(got, expected)
+
+
 def test_maxpool_backward_of_an_empty_batch_is_empty():
     out, cache = C.maxpool_forward_vectorized(np.zeros((0, 2, 4, 4)))
     assert C.maxpool_backward_vectorized(out, cache).shape == (0, 2, 4, 4)
