@@ -412,7 +412,7 @@ def conv2d_backward_vectorized(dout, cache, input_grad=True, work=None):
     if (sh, sw) == (1, 1):
         gp = _padded(g, (kh - 1 - ph, kw - 1 - pw), work, "dout")
         dx = np.empty((N, H, W_in, C), dout.dtype)
-        W_rows = np.ascontiguousarray(W.transpose(0, 2, 3, 1))      # (F, kh, kw, C): runs of C values
+        W_rows = _filter_matrix(W).T.reshape(F, kh, kw, C)             # each filter channels-last
         W_flip = W_rows[:, ::-1, ::-1].transpose(1, 2, 0, 3).reshape(-1, C)   # (kh*kw*F, C), rows (p, q, f)
         _conv_products(_windows(gp, (kh, kw), (1, 1)), W_flip, dx, work, "dout")
         return channels_first(dx), dW, db

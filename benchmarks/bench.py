@@ -207,13 +207,19 @@ def bench_shape_rates(rows, cfg, n=2048):
 
 # ----------------------------------------------------------------------------- measurements
 
-def bench_gemm(n, repeats):
-    """Best-of-``repeats`` float32 n x n @ n x n after one warm-up: the BLAS ceiling."""
+def gemm_seconds(n=2048):
+    """A function timing one float32 n^3 GEMM (seconds), operands made once."""
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
     c = np.empty((n, n), np.float32)
     np.matmul(a, b, out=c)
-    times = [timed(lambda: np.matmul(a, b, out=c)) for _ in range(repeats)]
+    return lambda: timed(lambda: np.matmul(a, b, out=c))
+
+
+def bench_gemm(n, repeats):
+    """Best-of-``repeats`` float32 n x n @ n x n after one warm-up: the BLAS ceiling."""
+    gemm = gemm_seconds(n)
+    times = [gemm() for _ in range(repeats)]
     return {"n": n, "repeats": repeats, "best_s": min(times), "median_s": statistics.median(times),
             "gflops": 2 * n ** 3 / min(times) / 1e9, "median_gflops": 2 * n ** 3 / statistics.median(times) / 1e9}
 
@@ -233,50 +239,33 @@ def training_step(model, L, T):
 ROUND_STEPS = 10        # a 2048^3 GEMM is timed before every this many training steps
 
 
-def gemm_seconds(n=2048):
-    """A function timing one float32 n^3 GEMM (seconds), operands made once."""
-    rng = np.random.default_rng(0)
-    a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
-    c = np.empty((n, n), np.float32)
-    np.matmul(a, b, out=c)
-    return lambda: timed(lambda: np.matmul(a, b, out=c))
-
-
 def bench_training(model, L, T, shape, warmup, steps, gemm):
-    """Per-step times over 8 synthetic batches cycled, and for each step the time of the
-    GEMM (``gemm()``) timed just before its round of ROUND_STEPS steps."""
+    """Rounds [(GEMM seconds, [step seconds, ...]), ...]: a GEMM (``gemm()``) timed before
+    every ROUND_STEPS training steps, over 8 synthetic batches cycled, after ``warmup`` steps."""
     xs, ys = synthetic(8 * BATCH, shape, seed=1)
-    step, times, gemms = training_step(model, L, T), [], []
+    step, rounds = training_step(model, L, T), []
     for s in range(warmup + steps):
         if s >= warmup and (s - warmup) % ROUND_STEPS == 0:
-            g = gemm()
+            rounds.append((gemm(), []))
         i = (s % 8) * BATCH
         t = timed(lambda: step(xs[i:i + BATCH], ys[i:i + BATCH]))
         if s >= warmup:
-            times.append(t)
-            gemms.append(g)
-    return times, gemms
+            rounds[-1][1].append(t)
+    return rounds
 
 
 def bench_inference(model, shape, n_images, repeats, gemm):
-    """Times of ``model.predict_proba`` (its default batches of 64) on n_images, each
-    after a GEMM (``gemm()``), and those GEMMs' times."""
+    """Rounds [(GEMM seconds, [seconds]), ...]: ``repeats`` passes of ``model.predict_proba``
+    (its default batches of 64) on n_images, each after a GEMM (``gemm()``)."""
     x, _ = synthetic(n_images, shape, seed=2)
     model.predict_proba(x[:256])                                                    # warm-up
-    times, gemms = [], []
-    for _ in range(repeats):
-        gemms.append(gemm())
-        times.append(timed(lambda: model.predict_proba(x)))
-    return times, gemms
+    return [(gemm(), [timed(lambda: model.predict_proba(x))]) for _ in range(repeats)]
 
 
-def fraction_of_gemm(flop, times, gemms, n=2048):
-    """Median over rounds (runs of equal GEMM times) of (flop / the round's median time) /
-    (that round's n^3 GEMM rate): each rate against the machine's speed of its moment."""
-    rounds = {}
-    for t, g in zip(times, gemms):
-        rounds.setdefault(g, []).append(t)
-    return statistics.median(flop / statistics.median(ts) / (2 * n ** 3 / g) for g, ts in rounds.items())
+def fraction_of_gemm(flop, rounds, n=2048):
+    """Median over ``rounds`` of (flop / the round's median time) / (the round's n^3 GEMM
+    rate): each rate against the machine's speed of its moment."""
+    return statistics.median(flop / statistics.median(ts) / (2 * n ** 3 / g) for g, ts in rounds)
 
 
 def trace(model, L, x, y):
@@ -377,10 +366,11 @@ def bench_network(name, net, cfg, code):
     gemm = gemm_seconds()
     log(f"{name}: training steps (a GEMM before every {ROUND_STEPS}) ...")
     model = build(net, M, L)
-    times, train_gemms = bench_training(model, L, T, net.input_shape, cfg["warmup"], cfg["steps"], gemm)
+    train_rounds = bench_training(model, L, T, net.input_shape, cfg["warmup"], cfg["steps"], gemm)
     log(f"{name}: inference ...")
-    infer, infer_gemms = bench_inference(model, net.input_shape, cfg["infer_images"], cfg["infer_repeats"], gemm)
-    rates = [2 * 2048 ** 3 / g / 1e9 for g in list(dict.fromkeys(train_gemms)) + infer_gemms]   # in time order
+    infer_rounds = bench_inference(model, net.input_shape, cfg["infer_images"], cfg["infer_repeats"], gemm)
+    times, infer = ([t for _, ts in rounds for t in ts] for rounds in (train_rounds, infer_rounds))
+    rates = [2 * 2048 ** 3 / g / 1e9 for g, _ in train_rounds + infer_rounds]       # in time order
     gemm_record = {"n": 2048, "timed": "before every round of training steps and every inference pass",
                    "gflops_each": rates, "gflops": statistics.median(rates)}
     log(f"{name}: layers ...")
@@ -393,14 +383,14 @@ def bench_network(name, net, cfg, code):
     gflops = 2 * step_macs / tr["median_s"] / 1e9
     training = dict(tr, batch=BATCH, optimizer=STEP_OPTIMIZER, images_per_s=BATCH / tr["median_s"],
                     macs_per_step=step_macs, gflops=gflops,
-                    fraction_of_gemm=fraction_of_gemm(2 * step_macs, times, train_gemms),
+                    fraction_of_gemm=fraction_of_gemm(2 * step_macs, train_rounds),
                     products_bound_fraction=products_fraction(("fwd", "dW", "dX"), step_macs))
     inf = spread(infer)
     n = cfg["infer_images"]
     gflops = 2 * fwd_macs / BATCH * n / inf["median_s"] / 1e9
     batch = inspect.signature(M.Sequential.predict_proba).parameters["batch_size"].default
     inference = dict(inf, images=n, batch=batch, images_per_s=n / inf["median_s"], macs_per_image=fwd_macs // BATCH,
-                     gflops=gflops, fraction_of_gemm=fraction_of_gemm(2 * fwd_macs / BATCH * n, infer, infer_gemms),
+                     gflops=gflops, fraction_of_gemm=fraction_of_gemm(2 * fwd_macs / BATCH * n, infer_rounds),
                      products_bound_fraction=products_fraction(("fwd",), fwd_macs))
     for key, part in (("training_fraction_of_gemm", training), ("inference_fraction_of_gemm", inference)):
         if key in net.targets:
