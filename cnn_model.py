@@ -619,15 +619,15 @@ def cifar_net(widths=(64, 128, 256), whiten=None, num_classes=10, input_size=32,
     return Sequential(layers, seed=seed)
 
 
-def cifar_rows_conv1d(seed=0):
+def cifar_rows_conv1d(seed=0, dropout=0.1):
     """CIFAR-10 read as a sequence of its 32 rows by 1-D convolutions (notebook 4's
     row-sequence model): RowsToSequence turns x (N, 3, 32, 32) into (N, 96, 32),
     the 96 values of a row (32 pixels x RGB, interleaved) as channels; then
     ``conv_net`` with ``dims=1``: two blocks of 2 x (Conv1D k=3 -> BatchNorm -> ReLU)
     with 128 and 256 channels, each ending in MaxPool1D 2 (32 -> 16 -> 8 rows),
-    Flatten (N, 2048) -> Dropout 0.3 -> Dense to 10 logits."""
+    Flatten (N, 2048) -> Dropout ``dropout`` -> Dense to 10 logits."""
     rows = conv_net(in_channels=96, input_size=32, channels=(128, 256), convs_per_block=2, batchnorm=True,
-                    hidden=0, dropout=0.3, dims=1, seed=seed)
+                    hidden=0, dropout=dropout, dims=1, seed=seed)
     return Sequential([RowsToSequence()] + rows.layers, seed=seed)
 
 

@@ -63,11 +63,16 @@ ROWS_GRU_RECIPE = dict(
 )
 MNIST_ROWS_GRU_RECIPE = {**ROWS_GRU_RECIPE, "epochs": 3}     # MNIST's 28 short rows: 3 epochs
 
+# The row-sequence Conv1D underfits (8 epochs, shifts of 4, dropout 0.3: training accuracy 62 %,
+# validation 66.56 %); on the validation split (seed 0, /work/notes/s8 of the project log) 20 epochs
+# gave 73.72 % and 20 epochs with shifts of 2 and dropout 0.1 gave 74.80 %. 18 epochs keep its
+# training within 10 minutes beside the other notebooks (about 25-30 s an epoch).
 ROWS_CONV1D_RECIPE = dict(
-    epochs=8, batch_size=64,
+    epochs=18, batch_size=64,
     lr=0.05, momentum=0.9, weight_decay=5e-4,      # SGD with Nesterov momentum
     lr_min=1e-4,                                    # cosine decay per epoch
-    shift=4, flip=True,                             # random 4-pixel shifts and mirror images
+    shift=2, flip=True,                             # random 2-pixel shifts and mirror images
+    dropout=0.1,                                    # before the last layer
 )
 
 MLP_RECIPE = dict(
@@ -178,13 +183,13 @@ def mnist_rows_gru_recipe(seed=0, **changes):
 
 
 def rows_conv1d_recipe(seed=0, **changes):
-    """``M.cifar_rows_conv1d(seed)`` (CIFAR-10 x (N, 3, 32, 32) read as 32 rows)
-    trained by ``SGD`` with Nesterov momentum and weight decay, cosine decay per
-    epoch, random shifts and flips: (model, optimizer, fit_kwargs) with
+    """``M.cifar_rows_conv1d(seed, dropout)`` (CIFAR-10 x (N, 3, 32, 32) read as 32
+    rows) trained by ``SGD`` with Nesterov momentum and weight decay, cosine decay
+    per epoch, random shifts and flips: (model, optimizer, fit_kwargs) with
     ``ROWS_CONV1D_RECIPE``'s values."""
     r = _settings("rows_conv1d_recipe", ROWS_CONV1D_RECIPE, changes)
     kwargs = _fit_kwargs(r, seed, "cosine", augment=augmentation(crop=r["shift"], flip=r["flip"]))
-    return cifar_rows_conv1d(seed=seed), _nesterov(r), kwargs
+    return cifar_rows_conv1d(seed=seed, dropout=r["dropout"]), _nesterov(r), kwargs
 
 
 def mlp_recipe(seed=0, **changes):
