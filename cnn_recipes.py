@@ -63,10 +63,10 @@ ROWS_GRU_RECIPE = dict(
 )
 MNIST_ROWS_GRU_RECIPE = {**ROWS_GRU_RECIPE, "epochs": 3}     # MNIST's 28 short rows: 3 epochs
 
-# The row-sequence Conv1D underfits (8 epochs, shifts of 4, dropout 0.3: training accuracy 62 %,
-# validation 66.56 %); on the validation split (seed 0, /work/notes/s8 of the project log) 20 epochs
-# gave 73.72 % and 20 epochs with shifts of 2 and dropout 0.1 gave 74.80 %. 18 epochs keep its
-# training within 10 minutes beside the other notebooks (about 25-30 s an epoch).
+# The row-sequence Conv1D underfitted with 8 epochs, shifts of 4 and dropout 0.3 (training accuracy
+# 62.5 %, validation 66.56 %); validation runs (seed 0, 2026-11-26): 20 epochs 73.72 %, 20 epochs with
+# shifts of 2 and dropout 0.1 74.80 %. 18 epochs: 8-10 minutes of training on 2 cores (24-35 s an
+# epoch with one OpenBLAS thread; 74.16 % validation, 74.26 % test in the report's run).
 ROWS_CONV1D_RECIPE = dict(
     epochs=18, batch_size=64,
     lr=0.05, momentum=0.9, weight_decay=5e-4,      # SGD with Nesterov momentum
