@@ -35,6 +35,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = 64
+GEMM_N = 2048          # the ceiling: a float32 GEMM_N^3 product, timed beside every measurement
 BLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
 
 
@@ -170,7 +171,7 @@ def gemm_shapes(layer, L, in_shape, out_shape):
     return {}
 
 
-def bench_shape_rates(rows, cfg, n=2048):
+def bench_shape_rates(rows, cfg, n=GEMM_N):
     """Rounds of one float32 n^3 GEMM followed by one plain GEMM of every distinct product
     shape of the per-layer ``rows``: each round's shapes and ceiling share a moment of the
     machine, whose rate drifts by a third within a minute. Fills the rows' ``gemm_gflops``
@@ -207,7 +208,7 @@ def bench_shape_rates(rows, cfg, n=2048):
 
 # ----------------------------------------------------------------------------- measurements
 
-def gemm_seconds(n=2048):
+def gemm_seconds(n=GEMM_N):
     """A function timing one float32 n^3 GEMM (seconds), operands made once."""
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
@@ -262,7 +263,7 @@ def bench_inference(model, shape, n_images, repeats, gemm):
     return [(gemm(), [timed(lambda: model.predict_proba(x))]) for _ in range(repeats)]
 
 
-def fraction_of_gemm(flop, rounds, n=2048):
+def fraction_of_gemm(flop, rounds, n=GEMM_N):
     """Median over ``rounds`` of (flop / the round's median time) / (the round's n^3 GEMM
     rate): each rate against the machine's speed of its moment."""
     return statistics.median(flop / statistics.median(ts) / (2 * n ** 3 / g) for g, ts in rounds)
@@ -370,8 +371,8 @@ def bench_network(name, net, cfg, code):
     log(f"{name}: inference ...")
     infer_rounds = bench_inference(model, net.input_shape, cfg["infer_images"], cfg["infer_repeats"], gemm)
     times, infer = ([t for _, ts in rounds for t in ts] for rounds in (train_rounds, infer_rounds))
-    rates = [2 * 2048 ** 3 / g / 1e9 for g, _ in train_rounds + infer_rounds]       # in time order
-    gemm_record = {"n": 2048, "timed": "before every round of training steps and every inference pass",
+    rates = [2 * GEMM_N ** 3 / g / 1e9 for g, _ in train_rounds + infer_rounds]     # in time order
+    gemm_record = {"n": GEMM_N, "timed": "before every round of training steps and every inference pass",
                    "gflops_each": rates, "gflops": statistics.median(rates)}
     log(f"{name}: layers ...")
     layers = bench_layers(model, L, net.input_shape, cfg)
@@ -694,14 +695,14 @@ def main(argv=None):
         log(f"note: OPENBLAS_CORETYPE={res['machine']['blas_env']['OPENBLAS_CORETYPE']} is set: the figures are "
             "for that kernel (the recorded run unsets it: env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE make bench)")
     log("GEMM ...")
-    res["gemm"] = bench_gemm(2048, cfg["gemm_repeats"])          # the run's first ceiling (each network has its own)
+    res["gemm"] = bench_gemm(GEMM_N, cfg["gemm_repeats"])          # the run's first ceiling (each network has its own)
     res["networks"] = {name: bench_network(name, NETWORKS[name], cfg, code) for name in names}
     if cfg["epochs"]:
         for name in names:
             if NETWORKS[name].epoch:
                 log(f"{name}: one training epoch of {NETWORKS[name].epoch.images:,} images in a subprocess ...")
                 res["networks"][name]["epoch"] = bench_epoch(name, args.code)
-    res["gemm_after"] = bench_gemm(2048, cfg["gemm_repeats"])          # did the machine change meanwhile?
+    res["gemm_after"] = bench_gemm(GEMM_N, cfg["gemm_repeats"])          # did the machine change meanwhile?
     res["machine"]["cpu_busy_after"] = cpu_busy()
     res["bench_seconds"] = time.perf_counter() - began
     write_json(args.json, res, F)
