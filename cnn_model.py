@@ -402,7 +402,7 @@ def mnist_cnn(**overrides):
     return conv_net(**overrides)
 
 
-def mnist_net_v2(channels=(32, 64, 128), hidden=128, dropout=0.25, num_classes=10, impl="vectorized",
+def mnist_net_v2(channels=(16, 32, 64), hidden=128, dropout=0.25, num_classes=10, impl="vectorized",
                  seed=0, dtype=DEFAULT_DTYPE):
     """The network of the MNIST recipe (``cnn_recipes.mnist_recipe``):
     one block per entry of ``channels``, each conv 3x3 ('same') -> max-pool 2 -> BatchNorm -> ReLU
@@ -411,8 +411,9 @@ def mnist_net_v2(channels=(32, 64, 128), hidden=128, dropout=0.25, num_classes=1
     -> dropout -> dense to logits.
 
     Pooling before the normalisation and the ReLU runs both on a quarter of the values, and
-    the extra convolutions work on 7x7 and 3x3 maps: five convolutions for about 1.5 times
-    the time per batch of ``mnist_cnn``'s two.
+    the extra convolutions work on 7x7 and 3x3 maps. Widths 16/32/64 take half the time per
+    batch of 32/64/128 (the recipe's earlier widths), so the recipe trains 8 epochs instead
+    of 5 in the same five minutes (see ``cnn_recipes.MNIST_RECIPE``).
     """
     layers, c_in, size = [], 1, 28
     for i, c_out in enumerate(channels):

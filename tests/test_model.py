@@ -430,7 +430,7 @@ def test_mnist_net_v2_blocks_pool_before_normalising():
     kinds = [type(layer).__name__ for layer in model.layers]
     assert kinds[:4] == ["Conv2D", "MaxPool2D", "BatchNorm", "ReLU"]             # block 1: one conv
     assert kinds[4:11] == ["Conv2D", "MaxPool2D", "BatchNorm", "ReLU", "Conv2D", "BatchNorm", "ReLU"]
-    assert kinds.count("Conv2D") == 5 and model.layers[-4].in_features == 128 * 3 * 3
+    assert kinds.count("Conv2D") == 5 and model.layers[-4].in_features == 64 * 3 * 3
     assert M.mnist_net_v2(channels=(8,), hidden=16).forward(np.zeros((1, 1, 28, 28), np.float32)).shape == (1, 10)
 
 
