@@ -98,8 +98,8 @@ def test_mnist_study_runs_every_variant_per_seed_under_its_saved_run_name():
 
 
 def test_tta_names_each_task_s_test_time_augmentation_and_every_mode_is_known():
-    assert Q.tta("mnist") == "shift" and Q.tta("cifar") == "flip+shift"
-    assert all(Q.tta(task) in M.TTA_MODES for task in ("mnist", "cifar"))
+    assert Q.tta("mnist") == "shift" and Q.tta("cifar") == Q.tta("rows") == "flip+shift"
+    assert all(Q.tta(task) in M.TTA_MODES for task in ("mnist", "cifar", "rows"))
     with pytest.raises(ValueError, match="unknown task 'imagenet'"):
         Q.tta("imagenet")
 
