@@ -7,6 +7,7 @@ The benchmark itself lives in ``benchmarks/`` (one run measures everything, see
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -85,27 +86,32 @@ def _get(record, *keys):
     return record
 
 
+def _bench_module(script=BENCH_SCRIPT):
+    """``benchmarks/bench.py`` (a script, not a package module) imported from its file."""
+    spec = importlib.util.spec_from_file_location("cnn_bench_script", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module                 # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 def benchmark_summary(json_path, script=BENCH_SCRIPT):
-    """(sentence, Markdown table) of a results file of ``benchmarks/bench.py``:
-    what ``bench.py --markdown`` prints (the README's speed table, one row per
-    network), split into the sentence naming the run and kernel and the table."""
-    command = [sys.executable, str(script), "--markdown", "--json", str(json_path)]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"{' '.join(command)} failed (exit status {done.returncode}):\n"
-                           + "\n".join((done.stderr or done.stdout).splitlines()[-20:]))
-    sentence, _, table = done.stdout.strip().partition("\n\n")
-    return MarkdownText(sentence), MarkdownText(table)
+    """(sentence, training table, inference table) of a results file of
+    ``benchmarks/bench.py``: the README's speed table (``bench.py --markdown``, the same
+    cells from ``speed_summary``) as its sentence naming the run and the kernel, and its
+    columns in two narrower Markdown tables (the PDF scales a too-wide table down):
+    network, ceiling and training step; network, inference and epoch."""
+    bench = _bench_module(script)
+    try:
+        sentence, rows = bench.speed_summary(json.loads(Path(json_path).read_text()))
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"benchmark_summary: {json_path} is not a results file of {Path(script).name} "
+                         f"(no {error}); write one with `make bench`") from None
+    header = bench.SPEED_HEADER
 
-
-def table_columns(table, columns):
-    """The Markdown pipe ``table`` with only the ``columns`` (indices, in that order): a
-    wide table shown as two narrower ones (the PDF scales a too-wide table down)."""
-    rows = [[cell.strip() for cell in line.strip().strip("|").split(" | ")]
-            for line in table.strip().splitlines() if not set(line) <= set("|-: ")]
-    if any(len(row) != len(rows[0]) for row in rows):
-        raise ValueError("table_columns: a row has another number of cells than the header (a '|' inside a cell?)")
-    return markdown_table([rows[0][c] for c in columns], [[row[c] for c in columns] for row in rows[1:]])
+    def columns(picked):
+        return markdown_table([header[c] for c in picked], [[row[c] for c in picked] for row in rows])
+    return MarkdownText(sentence), columns([0, 1, 2, 3]), columns([0, 4, 5, 6])
 
 
 def benchmark_layer_table(bench, network):

@@ -631,31 +631,42 @@ def ceiling(res, r):
     return r.get("gemm", res["gemm"])["gflops"]
 
 
-def markdown(res):
-    """The README's speed table, from a results file."""
+SPEED_HEADER = ["network", "GEMM ceiling", "training step, batch 64", "% of GEMM (target, products alone)",
+                "inference", "% of GEMM (target, products alone)", "epoch"]
+
+
+def speed_summary(res):
+    """(sentence, rows) of the README's speed table from a results file: the sentence naming
+    the run, its kernel and its ceilings, and one row of cells (``SPEED_HEADER``) per network."""
     m = res["machine"]
     rates = [ceiling(res, r) for r in res["networks"].values()]
     rounds = all("gflops_each" in r.get("gemm", {}) for r in res["networks"].values())
     beside = all("gemm" in r for r in res["networks"].values())
     span = f"({min(rates):.0f}–{max(rates):.0f} GFLOP/s in this run: the shared machine's speed moves)"
-    lines = [f"Measured {res['timestamp'][:10]} ({res['mode']} run), kernel: {kernel_line(m)}; " +
-             (f"every fraction is a median over rounds, each against a float32 2048³ GEMM timed at its start; the "
-              f"ceiling column is the median of a network's GEMMs {span}." if rounds else
-              f"every fraction refers to a float32 2048³ GEMM timed just before that network {span}." if beside
-              else f"float32 2048³ GEMM {rates[0]:.0f} GFLOP/s at the start of the run (the ceiling "
-              "every fraction refers to)."), "",
-             "| network | GEMM ceiling | training step, batch 64 | % of GEMM (target, products alone) | inference | "
-             "% of GEMM (target, products alone) | epoch |",
-             "|---|---|---|---|---|---|---|"]
+    sentence = (f"Measured {res['timestamp'][:10]} ({res['mode']} run), kernel: {kernel_line(m)}; " +
+                (f"every fraction is a median over rounds, each against a float32 2048³ GEMM timed at its start; the "
+                 f"ceiling column is the median of a network's GEMMs {span}." if rounds else
+                 f"every fraction refers to a float32 2048³ GEMM timed just before that network {span}." if beside
+                 else f"float32 2048³ GEMM {rates[0]:.0f} GFLOP/s at the start of the run (the ceiling "
+                 "every fraction refers to)."))
+    rows = []
     for name, r in res["networks"].items():
         tr, inf, e = r["training"], r["inference"], r["epoch"]
         batch = f" (batch {e['batch']})" if e and e.get("batch", BATCH) != BATCH else ""
         epoch = (f"{e['images']:,} images{batch}: {e['seconds']:.1f} s, peak {e['peak_rss_mb']:,.0f} MB" if e else "")
-        lines.append(f"| {name} | {ceiling(res, r):.0f} GFLOP/s | {ms(tr['median_s'])} ms = {tr['images_per_s']:,.0f} img/s "
-                     f"= {tr['gflops']:.0f} GFLOP/s | **{tr['fraction_of_gemm']:.1%}**{target_and_bound(tr)} | "
-                     f"{inf['images_per_s']:,.0f} img/s = {inf['gflops']:.0f} GFLOP/s | "
-                     f"**{inf['fraction_of_gemm']:.1%}**{target_and_bound(inf)} | {epoch} |")
-    return "\n".join(lines)
+        rows.append([name, f"{ceiling(res, r):.0f} GFLOP/s",
+                     f"{ms(tr['median_s'])} ms = {tr['images_per_s']:,.0f} img/s = {tr['gflops']:.0f} GFLOP/s",
+                     f"**{tr['fraction_of_gemm']:.1%}**{target_and_bound(tr)}",
+                     f"{inf['images_per_s']:,.0f} img/s = {inf['gflops']:.0f} GFLOP/s",
+                     f"**{inf['fraction_of_gemm']:.1%}**{target_and_bound(inf)}", epoch])
+    return sentence, rows
+
+
+def markdown(res):
+    """The README's speed table, from a results file: ``speed_summary`` as Markdown."""
+    sentence, rows = speed_summary(res)
+    return "\n".join([sentence, "", "| " + " | ".join(SPEED_HEADER) + " |", "|" + "---|" * len(SPEED_HEADER)]
+                     + ["| " + " | ".join(row) + " |" for row in rows])
 
 
 def write_json(path, data, F):

@@ -1,5 +1,6 @@
 """Tests of cnn_speed: the loop-vs-vectorized table and the benchmark run and tables."""
 import json
+import subprocess
 import sys
 
 import numpy as np
@@ -61,17 +62,20 @@ BENCH = {
 def test_benchmark_summary_is_bench_py_markdown_split_in_two(tmp_path):
     path = tmp_path / "results.json"
     path.write_text(json.dumps(BENCH))
-    sentence, table = B.benchmark_summary(path)
+    sentence, training, inference = B.benchmark_summary(path)
     assert sentence.startswith("Measured 2026-11-25 (full run), kernel: OpenBLAS core SkylakeX, 2 threads")
-    lines = table.splitlines()
-    assert lines[0].startswith("| network | GEMM ceiling |") and lines[2].startswith("| net | 300 GFLOP/s | 20.0 ms = 3,200 img/s")
-    assert "**20.0%** (30%, 62%)" in lines[2] and "55,000 images: 20.5 s, peak 400 MB" in lines[2]
-    assert "**23.3%** |" in lines[2]                         # no bound recorded (older files): nothing added
-    training = B.table_columns(table, [0, 2, 3]).splitlines()
-    assert training[0] == "| network | training step, batch 64 | % of GEMM (target, products alone) |"
-    assert training[2] == "| net | 20.0 ms = 3,200 img/s = 60 GFLOP/s | **20.0%** (30%, 62%) |"
+    training, inference = training.splitlines(), inference.splitlines()
+    assert training[0] == "| network | GEMM ceiling | training step, batch 64 | % of GEMM (target, products alone) |"
+    assert training[2] == "| net | 300 GFLOP/s | 20.0 ms = 3,200 img/s = 60 GFLOP/s | **20.0%** (30%, 62%) |"
+    assert inference[0] == "| network | inference | % of GEMM (target, products alone) | epoch |"
+    assert inference[2] == ("| net | 9,000 img/s = 70 GFLOP/s | **23.3%** | 55,000 images: 20.5 s, peak 400 MB |")
+    readme = subprocess.run([sys.executable, str(B.BENCH_SCRIPT), "--markdown", "--json", str(path)],
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    assert readme[0] == sentence and readme[4] == ("| net | 300 GFLOP/s | 20.0 ms = 3,200 img/s = 60 GFLOP/s | "
+                                                   "**20.0%** (30%, 62%) | 9,000 img/s = 70 GFLOP/s | **23.3%** | "
+                                                   "55,000 images: 20.5 s, peak 400 MB |")
     path.write_text("{}")
-    with pytest.raises(RuntimeError, match="--markdown"):
+    with pytest.raises(ValueError, match="not a results file of bench.py .*make bench"):
         B.benchmark_summary(path)
 
 
