@@ -76,7 +76,7 @@ NETWORKS = {
                         "averaged weights, label smoothing; target: its 8 epochs in 5 minutes)", "M.mnist_net_v2(seed=0)",
                         (1, 28, 28), {"training_fraction_of_gemm": 0.30, "inference_fraction_of_gemm": 0.45},
                         Epoch(55_000, "T.SGD(0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)",
-                              "T.augmentation(crop=2)", {"seconds": 37.5}, batch=128,
+                              "T.augmentation(crop=2)", {"seconds": 300 / 8}, batch=128,
                               fit="dict(ema=0.998, label_smoothing=0.1)")),
     "cifar": Network("CIFAR network (notebook 4: 3 blocks of 2 x conv-BN-ReLU, 32/64/128 channels)", CIFAR,
                      (3, 32, 32), {"training_fraction_of_gemm": 0.45, "inference_fraction_of_gemm": 0.45},
@@ -643,11 +643,12 @@ def speed_summary(res):
     rounds = all("gflops_each" in r.get("gemm", {}) for r in res["networks"].values())
     beside = all("gemm" in r for r in res["networks"].values())
     span = f"({min(rates):.0f}–{max(rates):.0f} GFLOP/s in this run: the shared machine's speed moves)"
+    n = res["gemm"].get("n", GEMM_N)                    # the ceiling's size, as the file records it
     sentence = (f"Measured {res['timestamp'][:10]} ({res['mode']} run), kernel: {kernel_line(m)}; " +
-                (f"every fraction is a median over rounds, each against a float32 2048³ GEMM timed at its start; the "
+                (f"every fraction is a median over rounds, each against a float32 {n}³ GEMM timed at its start; the "
                  f"ceiling column is the median of a network's GEMMs {span}." if rounds else
-                 f"every fraction refers to a float32 2048³ GEMM timed just before that network {span}." if beside
-                 else f"float32 2048³ GEMM {rates[0]:.0f} GFLOP/s at the start of the run (the ceiling "
+                 f"every fraction refers to a float32 {n}³ GEMM timed just before that network {span}." if beside
+                 else f"float32 {n}³ GEMM {rates[0]:.0f} GFLOP/s at the start of the run (the ceiling "
                  "every fraction refers to)."))
     rows = []
     for name, r in res["networks"].items():
