@@ -282,14 +282,57 @@ def random_flip(x, rng):
     return out
 
 
-def augmentation(crop=0, flip=False):
-    """An ``augment(x, rng)`` for ``fit``: random shifts of up to ``crop`` pixels
-    and, if ``flip``, random horizontal mirroring (not for digits: a mirrored 2 is no 2)."""
+def affine(x, angle, zoom):
+    """Rotate image n of x (N, C, H, W) by ``angle[n]`` radians and magnify it by
+    ``zoom[n]`` about its centre c = ((H-1)/2, (W-1)/2): output pixel q reads the
+    input at p = c + R(angle) (q - c) / zoom, bilinearly interpolated, zero
+    outside the image. Returns (N, C, H, W) in x's dtype; angle 0, zoom 1 is x."""
+    N, C, H, W = x.shape
+    cos, sin = np.cos(angle) / zoom, np.sin(angle) / zoom               # (N,)
+    i = np.arange(H, dtype=np.float64)[:, None] - (H - 1) / 2           # (H, 1) rows from the centre
+    j = np.arange(W, dtype=np.float64)[None, :] - (W - 1) / 2           # (1, W) columns
+    py = (H - 1) / 2 + cos[:, None, None] * i - sin[:, None, None] * j  # (N, H, W) source row
+    px = (W - 1) / 2 + sin[:, None, None] * i + cos[:, None, None] * j  # source column
+    y0, x0 = np.floor(py), np.floor(px)
+    wy, wx = (py - y0).astype(x.dtype), (px - x0).astype(x.dtype)
+    # One zero pixel around the image: every source index is clipped into the
+    # padded image, and a corner that falls outside the image lands on a zero.
+    xp = _pad(x, (1, 1)).reshape(N, C, (H + 2) * (W + 2))
+    rows = [np.clip(y0 + d, 0, H + 1).astype(np.intp) for d in (1, 2)]  # padded index of y0, y0 + 1
+    cols = [np.clip(x0 + d, 0, W + 1).astype(np.intp) for d in (1, 2)]
+
+    def at(r, c):                                                       # (N, C, H, W) gathered pixels
+        flat = (r * (W + 2) + c).reshape(N, 1, H * W)
+        return np.take_along_axis(xp, flat, axis=2).reshape(N, C, H, W)
+
+    wy, wx = wy[:, None], wx[:, None]
+    top = at(rows[0], cols[0]) * (1 - wx) + at(rows[0], cols[1]) * wx
+    bottom = at(rows[1], cols[0]) * (1 - wx) + at(rows[1], cols[1]) * wx
+    return top * (1 - wy) + bottom * wy
+
+
+def random_affine(x, rng, degrees, zoom):
+    """Rotate each image by a random angle of up to ``degrees`` either way and
+    magnify it by a random factor in [1 - zoom, 1 + zoom] (``affine``).
+    x: (N, C, H, W) -> (N, C, H, W)."""
+    angle = np.deg2rad(rng.uniform(-degrees, degrees, len(x)))
+    return affine(x, angle, rng.uniform(1 - zoom, 1 + zoom, len(x)))
+
+
+def augmentation(crop=0, flip=False, rotate=0, zoom=0):
+    """An ``augment(x, rng)`` for ``fit``: random rotations of up to ``rotate``
+    degrees and zooms by up to ``zoom`` (a fraction: 0.1 = 10 %) (``random_affine``),
+    then random shifts of up to ``crop`` pixels and, if ``flip``, random
+    horizontal mirroring (not for digits: a mirrored 2 is no 2)."""
     def augment(x, rng):
+        if rotate or zoom:
+            x = random_affine(x, rng, rotate, zoom)
         if crop:
             x = random_crop(x, rng, crop)
         return random_flip(x, rng) if flip else x
     augment.settings = dict(crop=crop, flip=flip)                      # recorded with a saved run
+    if rotate or zoom:              # only when used: runs saved before these existed still match
+        augment.settings.update(rotate=rotate, zoom=zoom)
     return augment
 
 

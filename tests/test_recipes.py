@@ -66,7 +66,8 @@ def test_mnist_study_runs_every_variant_per_seed_under_its_saved_run_name():
     """The run names are how the saved runs are found again: they must not change."""
     assert list(Q.MNIST_STUDY) == [
         "baseline", "kernel 5x5", "filters 8/16", "filters 16/32", "1 conv block", "3 conv blocks", "SGD lr 0.05",
-        "SGD + momentum 0.9, lr 0.01", "Adam lr 1e-4", "Adam lr 1e-2", "batch norm", "dropout 0.25", "shifts of 2 px"]
+        "SGD + momentum 0.9, lr 0.01", "Adam lr 1e-4", "Adam lr 1e-2", "batch norm", "dropout 0.25", "shifts of 2 px",
+        "rotations and zooms"]
     import cnn_data as D
     rng = np.random.default_rng(0)
     x, y = rng.random((30, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, 30)
@@ -92,7 +93,9 @@ def test_mnist_study_runs_every_variant_per_seed_under_its_saved_run_name():
     assert isinstance(sgd, T.SGD) and (sgd.lr, sgd.momentum) == (0.01, 0.9)
     assert calls["exp_SGD lr 0.05_seed0"][2] is not calls["exp_SGD lr 0.05_seed1"][2]     # a fresh optimiser per run
     assert any(isinstance(layer, L.BatchNorm) for layer in calls["exp_batch norm_seed0"][0].layers)
-    assert callable(calls["exp_shifts of 2 px_seed0"][4]["augment"])
+    assert calls["exp_shifts of 2 px_seed0"][4]["augment"].settings == dict(crop=2, flip=False)
+    assert calls["exp_rotations and zooms_seed0"][4]["augment"].settings == dict(crop=0, flip=False, rotate=10,
+                                                                                zoom=0.1)
     with pytest.raises(ValueError, match=r"mnist_study: unknown settings \['epoch'\]"):
         Q.mnist_study(train_or_load, data, seeds=(0,), epoch=1)
 

@@ -155,6 +155,54 @@ def test_random_flip_mirrors_some_images_and_keeps_the_rest():
     assert T.augmentation()(x, np.random.default_rng(0)) is x
 
 
+def affine_loop(x, angle, zoom):
+    """``T.affine`` pixel by pixel: the source point of each output pixel, then the
+    four neighbours' weighted sum (bilinear), a neighbour outside the image counting 0."""
+    N, C, H, W = x.shape
+    out = np.zeros(x.shape)
+    cy, cx = (H - 1) / 2, (W - 1) / 2
+    for n in range(N):
+        c, s = np.cos(angle[n]) / zoom[n], np.sin(angle[n]) / zoom[n]
+        for i in range(H):
+            for j in range(W):
+                py, px = cy + c * (i - cy) - s * (j - cx), cx + s * (i - cy) + c * (j - cx)
+                y0, x0 = int(np.floor(py)), int(np.floor(px))
+                for yy, xx in ((y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)):
+                    if 0 <= yy < H and 0 <= xx < W:
+                        weight = (1 - abs(py - yy)) * (1 - abs(px - xx))
+                        out[n, :, i, j] += weight * x[n, :, yy, xx]
+    return out
+
+
+def test_affine_matches_the_pixel_loop_and_known_transforms():
+    rng = np.random.default_rng(0)
+    x = rng.random((4, 2, 7, 6))
+    angle, zoom = np.array([0.3, -1.2, 2.5, 0.0]), np.array([1.0, 0.8, 1.3, 0.5])
+    np.testing.assert_allclose(T.affine(x, angle, zoom), affine_loop(x, angle, zoom), atol=1e-12)
+    np.testing.assert_array_equal(T.affine(x, np.zeros(4), np.ones(4)), x)           # the identity
+    square = rng.random((2, 1, 6, 6), dtype=np.float32)
+    quarter = T.affine(square, np.full(2, np.pi / 2), np.ones(2))                      # a quarter turn
+    assert quarter.dtype == np.float32
+    np.testing.assert_allclose(quarter, np.rot90(square, -1, axes=(2, 3)), atol=1e-6)
+    dot = np.zeros((1, 1, 9, 9)); dot[0, 0, 4, 6] = 1                                  # 2 right of centre
+    shrunk, magnified = (T.affine(dot, np.zeros(1), np.full(1, z))[0, 0, 4] for z in (0.5, 2))
+    np.testing.assert_allclose(shrunk, [0, 0, 0, 0, 0, 1, 0, 0, 0], atol=1e-12)    # 1 right of centre
+    np.testing.assert_allclose(magnified, [0, 0, 0, 0, 0, 0, 0, 0.5, 1], atol=1e-12)   # 4 right, spread
+
+
+def test_random_affine_augmentation_draws_within_its_limits_and_records_its_settings():
+    x = np.random.default_rng(0).random((50, 1, 12, 12), dtype=np.float32)
+    out = T.random_affine(x, np.random.default_rng(1), degrees=10, zoom=0.1)
+    angle = np.deg2rad(np.random.default_rng(1).uniform(-10, 10, 50))
+    zoom = np.random.default_rng(1).uniform(0.9, 1.1, 50)     # the same draws, in the same order
+    assert np.abs(angle).max() <= np.deg2rad(10) and np.ptp(angle) > np.deg2rad(10)
+    augment = T.augmentation(crop=0, rotate=10, zoom=0.1)
+    assert augment.settings == dict(crop=0, flip=False, rotate=10, zoom=0.1)
+    assert T.augmentation(crop=2).settings == dict(crop=2, flip=False)   # as runs saved before rotations
+    np.testing.assert_array_equal(augment(x, np.random.default_rng(1)), out)
+    assert out.shape == x.shape and not np.array_equal(out, x)
+
+
 # ---------------------------------------------------------------- reliability: clear, early errors
 
 def tiny_problem(n=24, seed=0):
