@@ -664,64 +664,51 @@ def batchnorm_backward_loop(dout, cache, input_grad=True):
 
 # The vectorized cache: ``rows`` is x as an (m, C) matrix and ``center`` what it lacks
 # of deviations from the mean (the mean, or a small correction when ``rows`` is x
-# already centred on an estimate of the mean); ``m`` the number of rows the statistics
-# are over (more than x's own when a batch is split across threads, see ``allsum``).
-BatchNormRowsCache = namedtuple("BatchNormRowsCache", "rows center gamma mean var inv_std m")
-
-
-def _own(*values):
-    """``allsum`` of a batch that is not split: the values themselves."""
-    return values
+# already centred on an estimate of the mean).
+BatchNormRowsCache = namedtuple("BatchNormRowsCache", "rows center gamma mean var inv_std")
 
 # One-pass variance E[x^2] - mean^2 loses digits when |mean| >> std; beyond this ratio
 # of mean^2 to variance (3 of float32's 7 digits lost) it is recomputed from centred values.
 _CANCELLATION = 1e3
 
 
-def batchnorm_forward_vectorized(x, gamma, beta, eps=1e-5, allsum=_own):
+def batchnorm_forward_vectorized(x, gamma, beta, eps=1e-5):
     """Statistics in one pass over X = ``as_rows(x)`` (m, C): column sums 1^T X and
     sums of squares (no temporary), var = E[x^2] - mean^2; then y = X * scale + shift
-    with scale = gamma / std, shift = beta - mean * scale. The cache keeps x, not xhat.
-
-    ``allsum(*values) -> values``: the sums of these values over every part of a batch
-    that is split across threads (``cnn_parallel``), so that each part is normalised
-    with the whole batch's statistics; by default the batch is x alone."""
+    with scale = gamma / std, shift = beta - mean * scale. The cache keeps x, not xhat."""
     X = as_rows(x)
-    sums, squares, m = allsum(_column_sums(X), _column_dots(X, X), X.shape[0])
-    mean = sums / m
-    var = squares / m - mean * mean
+    m = X.shape[0]
+    mean = _column_sums(X) / m
+    var = _column_dots(X, X) / m - mean * mean
     rows, center = X, mean
     if np.any(mean * mean > _CANCELLATION * np.maximum(var, 0)):
         rows = X - mean                      # deviations from a close estimate of the mean (nearly exact)
-        sums, squares = allsum(_column_sums(rows), _column_dots(rows, rows))
-        center = sums / m                    # the estimate's own rounding error, now small
-        var = squares / m - center * center
+        center = _column_sums(rows) / m      # the estimate's own rounding error, now small
+        var = _column_dots(rows, rows) / m - center * center
         mean = mean + center
     var = np.maximum(var, 0)
     inv_std = 1 / np.sqrt(var + eps)
     scale = gamma * inv_std
     y = _scale_shift(rows, scale, beta - center * scale)
-    return _from_rows(y, x), BatchNormRowsCache(rows, center, gamma, mean, var, inv_std, m)
+    return _from_rows(y, x), BatchNormRowsCache(rows, center, gamma, mean, var, inv_std)
 
 
-def batchnorm_backward_vectorized(dout, cache, input_grad=True, allsum=_own):
+def batchnorm_backward_vectorized(dout, cache, input_grad=True):
     """The loop version's three lines, fused: with G = ``as_rows(dout)``,
     dbeta = 1^T G, dgamma = sum(G * xhat) = (sum(G * X) - mean * dbeta) / std,
     and dx = a * G + b * X + c with per-channel a = gamma / std,
-    b = -a * dgamma / (m * std), c = -a * dbeta / m - b * mean.
-    With a batch split across threads (``allsum``, as in the forward pass), dx needs the
-    whole batch's dgamma and dbeta; each part returns its own share of them."""
-    X, center, gamma, _, _, inv_std, m = cache
+    b = -a * dgamma / (m * std), c = -a * dbeta / m - b * mean."""
+    X, center, gamma, _, _, inv_std = cache
     G = as_rows(dout)
-    sums, dots = _column_sums(G), _column_dots(G, X)
-    dbeta, dgamma = sums, (dots - center * sums) * inv_std          # this part's share
+    m = G.shape[0]
+    dbeta = _column_sums(G)
+    dgamma = (_column_dots(G, X) - center * dbeta) * inv_std
     if not input_grad:
         return None, dgamma, dbeta
-    sums, dots = allsum(sums, dots)                                 # the whole batch's
     a = gamma * inv_std
-    b = -a * inv_std * ((dots - center * sums) * inv_std) / m
+    b = -a * inv_std * dgamma / m
     dx = np.empty_like(G)
-    Gw, Xw, dxw, a, b, c = _widen((G, X, dx), (a, b, -a * sums / m - b * center))
+    Gw, Xw, dxw, a, b, c = _widen((G, X, dx), (a, b, -a * dbeta / m - b * center))
     chunks = _row_chunks(Gw)
     t = np.empty_like(Gw[chunks[0]])
     for rows in chunks:                               # each chunk's four operations stay in the cache

@@ -389,9 +389,9 @@ class BatchNorm(Layer):
         if not training:               # y = x * scale + shift per channel, on the (m, C) rows of x
             scale = self.inference_scale()
             return _from_rows(_scale_shift(as_rows(x), scale, beta - self.buffers["running_mean"] * scale), x)
-        out, cache = self.functions[self.impl].forward(x, gamma, beta, self.eps, **self._split())
+        out, cache = self.functions[self.impl].forward(x, gamma, beta, self.eps)
         mean, var = cache.mean, cache.var
-        m = cache.m if self.allsum else x.size // x.shape[1]       # values per channel in the batch
+        m = x.size // x.shape[1]
         self.buffers["running_mean"] += self.momentum * (mean - self.buffers["running_mean"])
         # the running variance estimates the population's: unbiased, m / (m - 1)
         self.buffers["running_var"] += self.momentum * (var * (m / max(m - 1, 1)) - self.buffers["running_var"])
@@ -402,15 +402,8 @@ class BatchNorm(Layer):
         """(C,) gamma / sqrt(running_var + eps): inference mode is y = x * scale + shift."""
         return self.params["gamma"] / np.sqrt(self.buffers["running_var"] + self.eps)
 
-    # For a batch split across threads (``cnn_parallel``): the function that sums the
-    # statistics of every part (the vectorized maths' ``allsum``); None: x is the batch.
-    allsum = None
-
-    def _split(self):
-        return {"allsum": self.allsum} if self.allsum else {}
-
     def backward(self, dout, input_grad=True):
-        dx, dgamma, dbeta = self.functions[self.impl].backward(dout, self._cached(), input_grad, **self._split())
+        dx, dgamma, dbeta = self.functions[self.impl].backward(dout, self._cached(), input_grad)
         self.grads = {"gamma": dgamma, "beta": dbeta}
         return dx
 

@@ -15,7 +15,6 @@ from cnn_files import save_npz
 from cnn_layers import (GELU, LAYER_TYPES, Activation, BatchNorm, Conv1D, Conv2D, Dense, Dropout, Flatten,
                         Layer, LeakyReLU, MaxPool1D, MaxPool2D, ParamLayer, ReLU, _check_impl)
 from cnn_layers import RowsToSequence
-from cnn_parallel import parallel
 from cnn_rnn import GRU, StepDense    # importing cnn_rnn registers its layers: saved GRU models load
 
 # ---------------------------------------------------------------------------
@@ -275,12 +274,8 @@ class Sequential:
             raise ValueError(f"predict: received an empty batch, shape {np.shape(x)}")
         check_tta(tta, x, "predict")
         check_finite(x, "predict")
-        net = parallel(self)                 # each batch split across the cores, as in training
-        proba = np.concatenate([softmax(net.logits(prepare_batch(x[i:i + batch_size], self.dtype), tta))
-                                for i in range(0, len(x), batch_size)])
-        if net is not self:
-            net.close()
-        return proba
+        return np.concatenate([softmax(self.logits(prepare_batch(x[i:i + batch_size], self.dtype), tta))
+                               for i in range(0, len(x), batch_size)])
 
     def predict(self, x, batch_size=64, tta=None):
         """Predicted class indices (N,); ``tta`` as in ``predict_proba`` (the mean of logits)."""

@@ -17,7 +17,6 @@ from numpy.lib.stride_tricks import sliding_window_view
 from cnn_core import _pad, check_labels
 from cnn_files import save_npz
 from cnn_layers import Dropout, SoftmaxCrossEntropy
-from cnn_parallel import parallel
 from cnn_model import (NotAnArchiveError, Sequential, _describe_arrays, as_batch_array, check_batch_size,
                        check_finite, check_tta, prepare_batch, read_npz)
 
@@ -252,14 +251,11 @@ def evaluate(model, x, y, batch_size=64, tta=None):
 def _evaluate(model, x, y, batch_size, tta=None):
     """``evaluate`` without the argument checks (``fit`` makes them once, before training)."""
     loss_fn, total_loss, correct, dtype = SoftmaxCrossEntropy(), 0.0, 0, model.dtype
-    net = parallel(model)                    # each batch split across the cores, as in training
     for i in range(0, len(x), batch_size):
-        logits = net.logits(prepare_batch(x[i:i + batch_size], dtype), tta)
+        logits = model.logits(prepare_batch(x[i:i + batch_size], dtype), tta)
         yb = y[i:i + batch_size]
         total_loss += loss_fn.forward(logits, yb) * len(yb)
         correct += int((logits.argmax(axis=1) == yb).sum())
-    if net is not model:
-        net.close()
     return total_loss / len(x), correct / len(x)
 
 
@@ -636,7 +632,7 @@ def _diverged(problem, epoch, batch, optimizer, checkpoint, saved_epoch):
 
 def fit(model, x, y, optimizer, epochs, batch_size=64, validation=None, schedule=None,
         augment=None, seed=0, checkpoint=None, progress=True, log=print, clip_norm=None,
-        label_smoothing=0.0, ema=None, threads=None):
+        label_smoothing=0.0, ema=None):
     """Train ``model`` with mini-batch gradient descent on softmax cross-entropy.
 
     x: (N, ...) float inputs, or uint8 images 0..255 (each batch becomes the
@@ -660,10 +656,6 @@ def fit(model, x, y, optimizer, epochs, batch_size=64, validation=None, schedule
     ``progress``: True for a text progress bar, False for none, or a tqdm-like
     wrapper such as ``tqdm.auto.tqdm``; ``log(message)`` receives one line per
     epoch (``None`` to stay silent).
-    ``threads``: split each batch into this many parts trained side by side, one
-    core each (``cnn_parallel.DataParallel``: the same maths up to rounding, 1.2-1.6
-    times faster on two cores); None: OpenBLAS's thread count (one per core unless
-    OPENBLAS_NUM_THREADS says otherwise), or 1 for a model with a loop batch norm.
     With ``checkpoint`` (a path), the model, optimiser state, random states and
     history are written atomically after every epoch, and a run started with an
     existing checkpoint resumes from it: the result equals an uninterrupted run.
@@ -675,7 +667,6 @@ def fit(model, x, y, optimizer, epochs, batch_size=64, validation=None, schedule
     """
     x, y, validation, lrs = _check_fit_arguments(model, x, y, optimizer, epochs, batch_size, validation,
                                                  schedule, clip_norm, label_smoothing, ema)
-    net = parallel(model, threads)           # model itself, or its DataParallel
     log = log or (lambda message: None)
     loss_fn, rng, dtype = SoftmaxCrossEntropy(label_smoothing), np.random.default_rng(seed), model.dtype
     average = None if ema is None else WeightAverage(model, ema)
@@ -701,11 +692,11 @@ def fit(model, x, y, optimizer, epochs, batch_size=64, validation=None, schedule
             xb, yb = prepare_batch(x[index], dtype), y[index]
             if augment is not None:
                 xb = augment(xb, rng)
-            logits = net.forward(xb, training=True)
+            logits = model.forward(xb, training=True)
             loss = loss_fn.forward(logits, yb)
             if not math.isfinite(loss):
                 raise _diverged(f"the loss became {loss}", epoch, b, optimizer, checkpoint, saved_epoch)
-            net.backward(loss_fn.backward(), input_grad=False)
+            model.backward(loss_fn.backward(), input_grad=False)
             if clip_norm is not None:
                 try:
                     clip_gradients(model, clip_norm)
@@ -749,6 +740,4 @@ def fit(model, x, y, optimizer, epochs, batch_size=64, validation=None, schedule
             saved_epoch = epoch + 1
     if average is not None:
         average.copy_to(model)
-    if net is not model:
-        net.close()
     return history

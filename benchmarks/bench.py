@@ -227,27 +227,24 @@ def bench_gemm(n, repeats):
 
 def training_step(model, L, T):
     """One step as ``cnn_train.fit`` takes it: forward, loss, backward without the input
-    gradient, optimiser update; the batch split across threads as fit splits it
-    (``cnn_parallel``; code from before it trains on one thread). Returns (step, threads)."""
+    gradient, optimiser update."""
     loss_fn, optimizer = L.SoftmaxCrossEntropy(), eval(STEP_OPTIMIZER, {"T": T})
-    net = T.parallel(model) if hasattr(T, "parallel") else model
 
     def step(xb, yb):
-        loss_fn.forward(net.forward(xb, training=True), yb)
-        net.backward(loss_fn.backward(), input_grad=False)
+        loss_fn.forward(model.forward(xb, training=True), yb)
+        model.backward(loss_fn.backward(), input_grad=False)
         optimizer.step(model)
-    return step, getattr(net, "threads", 1)
+    return step
 
 
 ROUND_STEPS = 10        # a 2048^3 GEMM is timed before every this many training steps
 
 
 def bench_training(model, L, T, shape, warmup, steps, gemm):
-    """(rounds, threads): rounds [(GEMM seconds, [step seconds, ...]), ...], a GEMM (``gemm()``)
-    timed before every ROUND_STEPS training steps, over 8 synthetic batches cycled, after
-    ``warmup`` steps; threads: how many parts each batch was split into (``training_step``)."""
+    """Rounds [(GEMM seconds, [step seconds, ...]), ...]: a GEMM (``gemm()``) timed before
+    every ROUND_STEPS training steps, over 8 synthetic batches cycled, after ``warmup`` steps."""
     xs, ys = synthetic(8 * BATCH, shape, seed=1)
-    (step, threads), rounds = training_step(model, L, T), []
+    step, rounds = training_step(model, L, T), []
     for s in range(warmup + steps):
         if s >= warmup and (s - warmup) % ROUND_STEPS == 0:
             rounds.append((gemm(), []))
@@ -255,7 +252,7 @@ def bench_training(model, L, T, shape, warmup, steps, gemm):
         t = timed(lambda: step(xs[i:i + BATCH], ys[i:i + BATCH]))
         if s >= warmup:
             rounds[-1][1].append(t)
-    return rounds, threads
+    return rounds
 
 
 def bench_inference(model, shape, n_images, repeats, gemm):
@@ -370,7 +367,7 @@ def bench_network(name, net, cfg, code):
     gemm = gemm_seconds()
     log(f"{name}: training steps (a GEMM before every {ROUND_STEPS}) ...")
     model = build(net, M, L)
-    train_rounds, threads = bench_training(model, L, T, net.input_shape, cfg["warmup"], cfg["steps"], gemm)
+    train_rounds = bench_training(model, L, T, net.input_shape, cfg["warmup"], cfg["steps"], gemm)
     log(f"{name}: inference ...")
     infer_rounds = bench_inference(model, net.input_shape, cfg["infer_images"], cfg["infer_repeats"], gemm)
     times, infer = ([t for _, ts in rounds for t in ts] for rounds in (train_rounds, infer_rounds))
@@ -385,7 +382,7 @@ def bench_network(name, net, cfg, code):
     step_macs = fwd_macs + sum(r["bwd_macs"] for r in layers)      # the first layer's dX is already left out
     tr = spread(times)
     gflops = 2 * step_macs / tr["median_s"] / 1e9
-    training = dict(tr, batch=BATCH, threads=threads, optimizer=STEP_OPTIMIZER, images_per_s=BATCH / tr["median_s"],
+    training = dict(tr, batch=BATCH, optimizer=STEP_OPTIMIZER, images_per_s=BATCH / tr["median_s"],
                     macs_per_step=step_macs, gflops=gflops,
                     fraction_of_gemm=fraction_of_gemm(2 * step_macs, train_rounds),
                     products_bound_fraction=products_fraction(("fwd", "dW", "dX"), step_macs))

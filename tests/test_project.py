@@ -54,8 +54,8 @@ def test_no_machine_learning_library_is_imported_anywhere():
 ALLOWED = {"numpy"} | set(sys.stdlib_module_names)
 
 
-MATHS_MODULES = ("cnn_core", "cnn_layers", "cnn_rnn", "cnn_model", "cnn_parallel", "cnn_train", "cnn_recipes",
-                 "cnn_metrics", "cnn_gradcheck", "cnn_files")
+MATHS_MODULES = ("cnn_core", "cnn_layers", "cnn_rnn", "cnn_model", "cnn_train", "cnn_recipes", "cnn_metrics", "cnn_gradcheck",
+                 "cnn_files")
 
 
 @pytest.mark.parametrize("module", MATHS_MODULES)
