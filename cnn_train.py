@@ -286,7 +286,8 @@ def affine(x, angle, zoom):
     """Rotate image n of x (N, C, H, W) by ``angle[n]`` radians and magnify it by
     ``zoom[n]`` about its centre c = ((H-1)/2, (W-1)/2): output pixel q reads the
     input at p = c + R(angle) (q - c) / zoom, bilinearly interpolated, zero
-    outside the image. Returns (N, C, H, W) in x's dtype; angle 0, zoom 1 is x."""
+    outside the image. Returns (N, C, H, W) in x's float dtype (float32 for integer
+    images); angle 0, zoom 1 gives x's values."""
     N, C, H, W = x.shape
     cos, sin = np.cos(angle) / zoom, np.sin(angle) / zoom               # (N,)
     i = np.arange(H, dtype=np.float64)[:, None] - (H - 1) / 2           # (H, 1) rows from the centre
@@ -294,7 +295,8 @@ def affine(x, angle, zoom):
     py = (H - 1) / 2 + cos[:, None, None] * i - sin[:, None, None] * j  # (N, H, W) source row
     px = (W - 1) / 2 + sin[:, None, None] * i + cos[:, None, None] * j  # source column
     y0, x0 = np.floor(py), np.floor(px)
-    wy, wx = (py - y0).astype(x.dtype), (px - x0).astype(x.dtype)
+    dtype = np.result_type(x.dtype, np.float32)                       # weights of uint8 images stay fractions
+    wy, wx = (py - y0).astype(dtype), (px - x0).astype(dtype)
     # One zero pixel around the image: every source index is clipped into the
     # padded image, and a corner that falls outside the image lands on a zero.
     xp = _pad(x, (1, 1)).reshape(N, C, (H + 2) * (W + 2))

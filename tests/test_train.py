@@ -180,6 +180,10 @@ def test_affine_matches_the_pixel_loop_and_known_transforms():
     angle, zoom = np.array([0.3, -1.2, 2.5, 0.0]), np.array([1.0, 0.8, 1.3, 0.5])
     np.testing.assert_allclose(T.affine(x, angle, zoom), affine_loop(x, angle, zoom), atol=1e-12)
     np.testing.assert_array_equal(T.affine(x, np.zeros(4), np.ones(4)), x)           # the identity
+    pixels = (x * 255).astype(np.uint8)                                                # integer images: float32
+    turned = T.affine(pixels, angle, zoom)
+    assert turned.dtype == np.float32
+    np.testing.assert_allclose(turned, affine_loop(pixels.astype(np.float64), angle, zoom), atol=1e-3)
     square = rng.random((2, 1, 6, 6), dtype=np.float32)
     quarter = T.affine(square, np.full(2, np.pi / 2), np.ones(2))                      # a quarter turn
     assert quarter.dtype == np.float32
