@@ -295,7 +295,7 @@ def affine(x, angle, zoom):
     py = (H - 1) / 2 + cos[:, None, None] * i - sin[:, None, None] * j  # (N, H, W) source row
     px = (W - 1) / 2 + sin[:, None, None] * i + cos[:, None, None] * j  # source column
     y0, x0 = np.floor(py), np.floor(px)
-    dtype = np.result_type(x.dtype, np.float32)                       # weights of uint8 images stay fractions
+    dtype = np.result_type(x.dtype, np.float32)                         # weights of uint8 images stay fractions
     wy, wx = (py - y0).astype(dtype), (px - x0).astype(dtype)
     # One zero pixel around the image: every source index is clipped into the
     # padded image, and a corner that falls outside the image lands on a zero.
@@ -326,6 +326,9 @@ def augmentation(crop=0, flip=False, rotate=0, zoom=0):
     degrees and zooms by up to ``zoom`` (a fraction: 0.1 = 10 %) (``random_affine``),
     then random shifts of up to ``crop`` pixels and, if ``flip``, random
     horizontal mirroring (not for digits: a mirrored 2 is no 2)."""
+    rotate = _check_number("augmentation", "rotate (the largest angle, in degrees)", rotate, strict=False, below=180)
+    zoom = _check_number("augmentation", "zoom (the largest change of size, a fraction)", zoom, strict=False, below=1)
+
     def augment(x, rng):
         if rotate or zoom:
             x = random_affine(x, rng, rotate, zoom)

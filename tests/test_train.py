@@ -205,6 +205,9 @@ def test_random_affine_augmentation_draws_within_its_limits_and_records_its_sett
     assert T.augmentation(crop=2).settings == dict(crop=2, flip=False)   # as runs saved before rotations
     np.testing.assert_array_equal(augment(x, np.random.default_rng(1)), out)
     assert out.shape == x.shape and not np.array_equal(out, x)
+    for bad in (dict(zoom=1.0), dict(zoom=-0.1), dict(rotate=-5), dict(rotate=float("nan"))):
+        with pytest.raises(ValueError, match=r"augmentation: (zoom|rotate) .* must be a number in \[0, "):
+            T.augmentation(**bad)
 
 
 # ---------------------------------------------------------------- reliability: clear, early errors
