@@ -88,6 +88,34 @@ def test_benchmark_layer_table_rows_and_missing_numbers():
         B.benchmark_layer_table(BENCH, "cifar")
 
 
+def test_threads_probe_splits_a_step_into_the_same_update_and_restores_openblas(tmp_path, monkeypatch):
+    # benchmarks/threads.py times a batch split across threads against OpenBLAS's threads: without
+    # batch norm its update must be the whole batch's, and OpenBLAS's thread count must come back.
+    monkeypatch.syspath_prepend(str(B.ROOT / "benchmarks"))
+    import threads
+    from concurrent.futures import ThreadPoolExecutor
+    import cnn_layers as L
+    import cnn_model as M
+
+    def net():
+        return M.Sequential([L.Conv2D(1, 3, 3, padding=1, dtype=np.float64), L.ReLU(), L.MaxPool2D(2), L.Flatten(),
+                             L.Dense(3 * 3 * 3, 4, dtype=np.float64)], seed=2)
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((7, 1, 6, 6)), rng.integers(0, 4, 7)
+    whole, split = net(), net()
+    blas = threads.blas_threads()
+    before = blas[0]() if blas else None
+    threads.unsplit_step(whole)(x, y)
+    with ThreadPoolExecutor(2) as pool:
+        threads.split_step(split, 2, pool, blas)(x, y)
+    assert (blas[0]() if blas else None) == before
+    for (_, a, _), (_, b, _) in zip(whole.parameters(), split.parameters()):
+        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-14)
+    threads.main(["--quick", "--json", str(tmp_path / "t.json")])
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["unsplit_ms"] > 0 and rows[0]["split_ms"] > 0
+
+
 def test_winograd_probe_computes_the_loop_convolution(tmp_path, monkeypatch):
     # benchmarks/winograd.py times Winograd F(2x2, 3x3) against im2col: its convolution must be
     # the same maths (odd and even sizes, float64), and the script writes its measurements.
