@@ -283,19 +283,30 @@ def random_flip(x, rng):
 
 
 def affine(x, angle, zoom):
-    """Rotate image n of x (N, C, H, W) by ``angle[n]`` radians and magnify it by
-    ``zoom[n]`` about its centre c = ((H-1)/2, (W-1)/2): output pixel q reads the
-    input at p = c + R(angle) (q - c) / zoom, bilinearly interpolated, zero
-    outside the image. Returns (N, C, H, W) in x's float dtype (float32 for integer
-    images); angle 0, zoom 1 gives x's values."""
+    """Rotate image n of x (N, C, H, W) by ``angle[n]`` radians (clockwise as shown,
+    rows running down) and magnify it by ``zoom[n]`` > 0 about its centre
+    c = ((H-1)/2, (W-1)/2): output pixel q reads the input at
+    p = c + R(angle) (q - c) / zoom, bilinearly interpolated, zero outside the image.
+    angle, zoom: (N,) or scalars. Returns (N, C, H, W) in x's float dtype (float32 for
+    integer images); angle 0, zoom 1 gives x's values (for finite x)."""
+    x = np.asarray(x)
+    if x.ndim != 4:
+        raise ValueError(f"affine: x must be images (N, C, H, W), got shape {x.shape}")
     N, C, H, W = x.shape
+    try:
+        angle, zoom = (np.broadcast_to(np.asarray(v, dtype=np.float64), (N,)) for v in (angle, zoom))
+    except ValueError:
+        raise ValueError(f"affine: angle and zoom must be scalars or one per image ({N},), got shapes "
+                         f"{np.shape(angle)} and {np.shape(zoom)}") from None
+    if not (np.isfinite(angle).all() and np.isfinite(zoom).all() and (zoom > 0).all()):
+        raise ValueError("affine: angles must be finite and zooms finite and > 0")
     cos, sin = np.cos(angle) / zoom, np.sin(angle) / zoom               # (N,)
     i = np.arange(H, dtype=np.float64)[:, None] - (H - 1) / 2           # (H, 1) rows from the centre
     j = np.arange(W, dtype=np.float64)[None, :] - (W - 1) / 2           # (1, W) columns
     py = (H - 1) / 2 + cos[:, None, None] * i - sin[:, None, None] * j  # (N, H, W) source row
     px = (W - 1) / 2 + sin[:, None, None] * i + cos[:, None, None] * j  # source column
     y0, x0 = np.floor(py), np.floor(px)
-    dtype = np.result_type(x.dtype, np.float32)                         # weights of uint8 images stay fractions
+    dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.float32   # uint8 weights would be 0
     wy, wx = (py - y0).astype(dtype), (px - x0).astype(dtype)
     # One zero pixel around the image: every source index is clipped into the
     # padded image, and a corner that falls outside the image lands on a zero.

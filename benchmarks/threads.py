@@ -8,16 +8,22 @@ thread, with OpenBLAS on one thread meanwhile (its thread count is one setting f
 process, so it is set to 1 around each split step and restored after). This script times a
 training step both ways, interleaved, for the benchmark's networks at batch 64 and 128.
 
-Timing only: here each part normalises with its own batch statistics. An exact version
-(batch norm summing its statistics across the parts, two barriers per layer and pass; every
-output, gradient and running statistic equal to one thread's to 1e-14 in float64) was built
-and measured no faster (commit 306cbf1, reverted in 7993b94).
+Timing only, and a little kind to the split step: here each part normalises with its own
+batch statistics (the replicas' running statistics and dropout generators are their own and
+thrown away). The exact version (batch norm summing its statistics across the parts, two
+barriers per layer and pass; every output, gradient and running statistic equal to one
+thread's to 1e-14 in float64) was built and measured against the unsplit step on 2026-11-26
+(commit 306cbf1): 1.04-1.22 times as fast for the CIFAR-10 network (batch 64-128), 0.69-0.80
+for the MNIST and row-sequence networks. It was reverted (7993b94): a gain for the largest
+network only, none in the report build (two notebooks side by side already use both cores),
+for some 230 lines of threads and barriers and a hook in batch norm's maths.
 
     python benchmarks/threads.py            # writes benchmarks/threads.json
     python benchmarks/threads.py --quick    # one small network, few steps (a smoke test)
 
 The two threads barely overlap for the small networks (Python's global interpreter lock, and
-per-layer work too short to split); threads.json has each network's times.
+per-layer work too short to split); threads.json has each network's times. It needs NumPy's
+own OpenBLAS (a pip wheel) with two or more threads: the comparison is against its threads.
 """
 from __future__ import annotations
 
@@ -76,11 +82,13 @@ def split_step(model, parts, pool, blas):
     """The same step with the batch cut into ``parts`` parts, each through a replica in a thread;
     the replicas' gradients are summed into the model's before the update."""
     replicas = [model] + [copy.copy(model) for _ in range(parts - 1)]
-    for replica in replicas[1:]:
+    for k, replica in enumerate(replicas[1:], start=1):
         replica.layers = [copy.copy(layer) for layer in model.layers]
         for layer in replica.layers:
             layer._work, layer._cache, layer.grads = None, None, {}
             layer.buffers = {name: a.copy() for name, a in layer.buffers.items()}
+            if isinstance(layer, L.Dropout):
+                layer.rng = np.random.default_rng(k)                            # not the model's generator
     losses, optimizer = [L.SoftmaxCrossEntropy() for _ in range(parts)], T.SGD(0.01, momentum=0.9)
 
     def part(k, x, y, share):
@@ -100,9 +108,12 @@ def split_step(model, parts, pool, blas):
             if blas:
                 blas[1](before)
         for i, layer in enumerate(model.layers):
-            if layer.grads and all(r.layers[i].grads for r in replicas[1:]):
-                layer.grads = {name: g + sum(r.layers[i].grads[name] for r in replicas[1:])
-                               for name, g in layer.grads.items()}
+            if not (layer.trainable and layer.params):
+                continue
+            if not all(r.layers[i].grads.keys() == layer.grads.keys() for r in replicas[1:]):
+                raise RuntimeError(f"threads.py: layer {i} has no gradient in some part")
+            layer.grads = {name: g + sum(r.layers[i].grads[name] for r in replicas[1:])
+                           for name, g in layer.grads.items()}
         optimizer.step(model)
     return step
 
@@ -130,7 +141,13 @@ def main(argv=None):
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "threads.json"))
     args = parser.parse_args(argv)
     blas = blas_threads()
-    threads = blas[0]() if blas else 1
+    if blas is None:
+        sys.exit("threads.py: NumPy's bundled OpenBLAS was not found (another BLAS?); this comparison sets its "
+                 "thread count and needs it")
+    threads = blas[0]()
+    if threads < 2 and not args.quick:
+        sys.exit(f"threads.py: OpenBLAS runs {threads} thread (OPENBLAS_NUM_THREADS=1?); the comparison is "
+                 "against its own threads: run it without that setting on a machine with 2+ cores")
     parts = max(2, threads)
     cases = [("mnist", 16)] if args.quick else [(n, b) for n in ("mnist", "mnist_v2", "rows", "cifar_net")
                                                  for b in (64, 128)]

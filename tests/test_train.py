@@ -189,17 +189,21 @@ def test_affine_matches_the_pixel_loop_and_known_transforms():
     assert quarter.dtype == np.float32
     np.testing.assert_allclose(quarter, np.rot90(square, -1, axes=(2, 3)), atol=1e-6)
     dot = np.zeros((1, 1, 9, 9)); dot[0, 0, 4, 6] = 1                                  # 2 right of centre
-    shrunk, magnified = (T.affine(dot, np.zeros(1), np.full(1, z))[0, 0, 4] for z in (0.5, 2))
+    shrunk, magnified = (T.affine(dot, 0.0, z)[0, 0, 4] for z in (0.5, 2))                # scalars broadcast
     np.testing.assert_allclose(shrunk, [0, 0, 0, 0, 0, 1, 0, 0, 0], atol=1e-12)    # 1 right of centre
     np.testing.assert_allclose(magnified, [0, 0, 0, 0, 0, 0, 0, 0.5, 1], atol=1e-12)   # 4 right, spread
+    for bad_x, bad_angle, bad_zoom, message in ((dot[0], 0.0, 1.0, r"\(N, C, H, W\)"), (dot, 0.0, 0.0, "> 0"),
+                                                (dot, np.nan, 1.0, "finite"), (dot, np.zeros(3), 1.0, r"one per image \(1,\)")):
+        with pytest.raises(ValueError, match=message):
+            T.affine(bad_x, bad_angle, bad_zoom)
 
 
 def test_random_affine_augmentation_draws_within_its_limits_and_records_its_settings():
     x = np.random.default_rng(0).random((50, 1, 12, 12), dtype=np.float32)
     out = T.random_affine(x, np.random.default_rng(1), degrees=10, zoom=0.1)
-    angle = np.deg2rad(np.random.default_rng(1).uniform(-10, 10, 50))
-    zoom = np.random.default_rng(1).uniform(0.9, 1.1, 50)     # the same draws, in the same order
-    assert np.abs(angle).max() <= np.deg2rad(10) and np.ptp(angle) > np.deg2rad(10)
+    rng = np.random.default_rng(1)                            # the same draws, in the same order
+    angle, zoom = np.deg2rad(rng.uniform(-10, 10, 50)), rng.uniform(0.9, 1.1, 50)
+    np.testing.assert_array_equal(out, T.affine(x, angle, zoom))
     augment = T.augmentation(crop=0, rotate=10, zoom=0.1)
     assert augment.settings == dict(crop=0, flip=False, rotate=10, zoom=0.1)
     assert T.augmentation(crop=2).settings == dict(crop=2, flip=False)   # as runs saved before rotations
