@@ -337,6 +337,11 @@ def augmentation(crop=0, flip=False, rotate=0, zoom=0):
     degrees and zooms by up to ``zoom`` (a fraction: 0.1 = 10 %) (``random_affine``),
     then random shifts of up to ``crop`` pixels and, if ``flip``, random
     horizontal mirroring (not for digits: a mirrored 2 is no 2)."""
+    if isinstance(crop, bool) or not isinstance(crop, (int, np.integer)) or crop < 0:
+        raise ValueError(f"augmentation: crop (the largest shift, in pixels) must be an integer >= 0, got {crop!r}")
+    if not isinstance(flip, (bool, np.bool_)):
+        raise ValueError(f"augmentation: flip must be True or False, got {flip!r}")
+    crop, flip = int(crop), bool(flip)
     rotate = _check_number("augmentation", "rotate (the largest angle, in degrees)", rotate, strict=False, below=180)
     zoom = _check_number("augmentation", "zoom (the largest change of size, a fraction)", zoom, strict=False, below=1)
 

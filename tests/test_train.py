@@ -212,6 +212,11 @@ def test_random_affine_augmentation_draws_within_its_limits_and_records_its_sett
     for bad in (dict(zoom=1.0), dict(zoom=-0.1), dict(rotate=-5), dict(rotate=float("nan"))):
         with pytest.raises(ValueError, match=r"augmentation: (zoom|rotate) .* must be a number in \[0, "):
             T.augmentation(**bad)
+    for bad, message in ((dict(crop=-1), "crop .* integer >= 0, got -1"), (dict(crop=2.5), "crop .* got 2.5"),
+                         (dict(crop=True), "crop .* got True"), (dict(flip="yes"), "flip must be True or False")):
+        with pytest.raises(ValueError, match=f"augmentation: {message}"):
+            T.augmentation(**bad)
+    assert T.augmentation(crop=np.int64(2), flip=np.bool_(True)).settings == dict(crop=2, flip=True)
 
 
 # ---------------------------------------------------------------- reliability: clear, early errors
