@@ -448,16 +448,21 @@ def bench_epoch(name, code_dir):
 
 # ----------------------------------------------------------------------------- machine and BLAS
 
+def openblas_libraries():
+    """Yield (path, ctypes library) for each OpenBLAS bundled with NumPy's wheel that loads."""
+    here = os.path.dirname(np.__file__)
+    for path in (glob.glob(os.path.join(here, os.pardir, "numpy.libs", "*openblas*"))
+                 + glob.glob(os.path.join(here, ".dylibs", "*openblas*"))):
+        try:
+            yield path, ctypes.CDLL(path)
+        except OSError:
+            continue
+
+
 def openblas_info():
     """OpenBLAS's own report of the kernel it runs (core name, configuration, threads), read
     from NumPy's bundled library with ctypes; None where not available (another BLAS)."""
-    candidates = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "*openblas*"))
-    candidates += glob.glob(os.path.join(os.path.dirname(np.__file__), ".dylibs", "*openblas*"))
-    for path in candidates:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
+    for path, lib in openblas_libraries():
         info = {"library": os.path.basename(path)}
         for key, names, restype in (("corename", ("scipy_openblas_get_corename64_", "openblas_get_corename64_",
                                                   "openblas_get_corename"), ctypes.c_char_p),

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
-import glob
 import json
 import os
 import statistics
@@ -48,34 +47,18 @@ import cnn_files as F         # noqa: E402  (the project's modules live one fold
 import cnn_layers as L        # noqa: E402
 import cnn_model as M         # noqa: E402
 import cnn_train as T         # noqa: E402
-from bench import NETWORKS, build, synthetic   # noqa: E402  (this folder)
+from bench import NETWORKS, STEP_OPTIMIZER, build, openblas_libraries, synthetic, training_step  # noqa: E402
 
 
 def blas_threads():
     """(get, set) of NumPy's OpenBLAS thread count (ctypes), or None."""
-    here = os.path.dirname(np.__file__)
-    for path in glob.glob(os.path.join(here, os.pardir, "numpy.libs", "*openblas*")):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
+    for _, lib in openblas_libraries():
         for prefix, suffix in (("scipy_openblas_", "64_"), ("openblas_", "64_"), ("openblas_", "")):
             get, put = (getattr(lib, f"{prefix}{verb}_num_threads{suffix}", None) for verb in ("get", "set"))
             if get is not None and put is not None:
                 get.restype, put.argtypes = ctypes.c_int, [ctypes.c_int]
                 return get, put
     return None
-
-
-def unsplit_step(model):
-    """One training step on the whole batch (forward, loss, backward, SGD), as ``fit`` takes it."""
-    loss, optimizer = L.SoftmaxCrossEntropy(), T.SGD(0.01, momentum=0.9)
-
-    def step(x, y):
-        loss.forward(model.forward(x, training=True), y)
-        model.backward(loss.backward(), input_grad=False)
-        optimizer.step(model)
-    return step
 
 
 def split_step(model, parts, pool, blas):
@@ -89,7 +72,7 @@ def split_step(model, parts, pool, blas):
             layer.buffers = {name: a.copy() for name, a in layer.buffers.items()}
             if isinstance(layer, L.Dropout):
                 layer.rng = np.random.default_rng(k)                            # not the model's generator
-    losses, optimizer = [L.SoftmaxCrossEntropy() for _ in range(parts)], T.SGD(0.01, momentum=0.9)
+    losses, optimizer = [L.SoftmaxCrossEntropy() for _ in range(parts)], eval(STEP_OPTIMIZER, {"T": T})
 
     def part(k, x, y, share):
         losses[k].forward(replicas[k].forward(x, training=True), y)
@@ -121,7 +104,7 @@ def split_step(model, parts, pool, blas):
 def compare(name, batch, steps, parts, pool, blas):
     """Median seconds of the unsplit and the split step, interleaved, after 3 of each."""
     x, y = synthetic(8 * batch, NETWORKS[name].input_shape, seed=1)
-    whole, split = unsplit_step(build(NETWORKS[name], M, L)), split_step(build(NETWORKS[name], M, L), parts, pool, blas)
+    whole, split = training_step(build(NETWORKS[name], M, L), L, T), split_step(build(NETWORKS[name], M, L), parts, pool, blas)
     times = {"unsplit": [], "split": []}
     for s in range(steps + 3):
         i = (s % 8) * batch
