@@ -574,8 +574,24 @@ def whitening_conv(x, kernel_size=2, eps=5e-4, impl="vectorized", dtype=DEFAULT_
     return layer
 
 
+def identity_filters(conv):
+    """Identity (Dirac) initialisation of a ``Conv2D`` with odd kernel sizes, as in
+    airbench: its first min(C, F) filters pass one input channel through unchanged,
+    W[f] = 0 except W[f, f, kh // 2, kw // 2] = 1, so at the start the layer carries
+    its input forward (as a residual connection would) beside the other filters'
+    random features. The rest of W and the bias are left as they are. Returns conv."""
+    W = conv.params["W"]
+    F, C, kh, kw = W.shape
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"identity_filters: a {kh}x{kw} kernel has no centre; it needs odd kernel sizes")
+    k = min(F, C)
+    W[:k] = 0
+    W[np.arange(k), np.arange(k), kh // 2, kw // 2] = 1
+    return conv
+
+
 def cifar_net(widths=(64, 128, 256), whiten=None, num_classes=10, input_size=32, in_channels=3, seed=0,
-              eps=5e-4, impl="vectorized", dtype=DEFAULT_DTYPE):
+              eps=5e-4, identity=False, impl="vectorized", dtype=DEFAULT_DTYPE):
     """The fast CIFAR-10 network (after Page's and Jordan's airbench):
 
     stem: 2x2 conv C -> 8C (padding 0) -> ReLU; then for each width w of ``widths``:
@@ -585,7 +601,8 @@ def cifar_net(widths=(64, 128, 256), whiten=None, num_classes=10, input_size=32,
 
     ``whiten``: None for a stem trained from a random (He) start, or a sample
     of training images (N, C, H, W) for ``whitening_conv(whiten, 2, eps)``, a
-    frozen stem with the same shape. x: (N, in_channels, input_size, input_size)
+    frozen stem with the same shape. ``identity``: ``identity_filters`` on every
+    3x3 convolution after the He start. x: (N, in_channels, input_size, input_size)
     floats or uint8; any size works as long as each pool has at least one pixel
     (the remaining size is computed: 32 -> 31 -> 15 -> 7 -> 3 -> 1).
     """
@@ -617,7 +634,12 @@ def cifar_net(widths=(64, 128, 256), whiten=None, num_classes=10, input_size=32,
                              f"(each halves the size after the 2x2 stem); use fewer widths or larger images")
         c = w
     layers += [MaxPool2D(size, impl=impl), Flatten(), Dense(c, num_classes, impl=impl, dtype=dtype)]
-    return Sequential(layers, seed=seed)
+    model = Sequential(layers, seed=seed)
+    if identity:
+        for layer in model.layers[2:]:                  # not the 2x2 stem
+            if isinstance(layer, Conv2D):
+                identity_filters(layer)
+    return model
 
 
 def cifar_rows_conv1d(seed=0, dropout=0.1):

@@ -54,6 +54,7 @@ MNIST_RECIPE = dict(
     label_smoothing=0.1, ema=0.998,                 # smoothed targets; an average of the weights
     shift=2,                                        # random shifts of up to 2 pixels (no flips: digits)
     rotate=0, zoom=0,                               # random rotations (degrees) and zooms (fraction)
+    bn_shift_lr=1,                                  # BatchNorm shifts (beta) at this many times lr
 )
 
 CIFAR_RECIPE = dict(
@@ -63,7 +64,10 @@ CIFAR_RECIPE = dict(
     label_smoothing=0.2, ema=0.998,
     shift=2, flip=True,                             # random 2-pixel shifts and mirror images
     whiten_images=5000,                             # training images whose 2x2 patches set the frozen stem
-)                                                   # (0: a trainable stem from a random start instead)
+                                                    # (0: a trainable stem from a random start instead)
+    identity_init=False,                            # M.identity_filters on every 3x3 convolution
+    bn_shift_lr=1,                                  # BatchNorm shifts (beta) at this many times lr
+)
 
 # The test-time augmentation each task's final models are scored with (see above):
 # MNIST the mean logits of 5 views (image and 1-pixel shifts), CIFAR-10 of 10 (and mirrors),
@@ -129,8 +133,14 @@ def _fit_kwargs(r, seed, schedule, **more):
     return dict(epochs=r["epochs"], batch_size=r["batch_size"], seed=seed, schedule=make(), **more)
 
 
-def _nesterov(r):
-    return SGD(r["lr"], momentum=r["momentum"], nesterov=True, weight_decay=r["weight_decay"])
+def _shift_lr(r):
+    """The optimiser's ``lr_scale`` for settings ``r``: BatchNorm shifts at ``bn_shift_lr``
+    times the rate (None when 1, so runs saved before the setting existed still match)."""
+    return {"beta": r["bn_shift_lr"]} if r["bn_shift_lr"] != 1 else None
+
+
+def _nesterov(r, lr_scale=None):
+    return SGD(r["lr"], momentum=r["momentum"], nesterov=True, weight_decay=r["weight_decay"], lr_scale=lr_scale)
 
 
 # ---------------------------------------------------------------------------
@@ -144,7 +154,7 @@ def mnist_recipe(seed=0, **changes):
     r = _settings("mnist_recipe", MNIST_RECIPE, changes)
     kwargs = _fit_kwargs(r, seed, "warmup", augment=augmentation(crop=r["shift"], rotate=r["rotate"], zoom=r["zoom"]),
                          label_smoothing=r["label_smoothing"], ema=r["ema"])
-    return mnist_net_v2(seed=seed), _nesterov(r), kwargs
+    return mnist_net_v2(seed=seed), _nesterov(r, _shift_lr(r)), kwargs
 
 
 def cifar_recipe(x_train, seed=0, **changes):
@@ -160,11 +170,11 @@ def cifar_recipe(x_train, seed=0, **changes):
         pick = np.random.default_rng(seed).choice(len(x_train), min(r["whiten_images"], len(x_train)), replace=False)
         whiten = x_train[np.sort(pick)]
     model = cifar_net(widths=r["widths"], whiten=whiten, seed=seed, input_size=x_train.shape[-1],
-                      in_channels=x_train.shape[1])
+                      in_channels=x_train.shape[1], identity=r["identity_init"])
     kwargs = _fit_kwargs(r, seed, "warmup",
                          augment=augmentation(crop=r["shift"], flip=r["flip"]) if r["shift"] or r["flip"] else None,
                          label_smoothing=r["label_smoothing"], ema=r["ema"] or None)
-    return model, _nesterov(r), kwargs
+    return model, _nesterov(r, _shift_lr(r)), kwargs
 
 
 def tta(task):

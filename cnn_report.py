@@ -285,6 +285,8 @@ def run_settings(optimizer, epochs, fit_kwargs):
         return {"name": name, **value.settings} if hasattr(value, "settings") else name
     hyper = {k: plain(v) for k, v in vars(optimizer).items()
              if not k.startswith("_") and k != "steps" and isinstance(v, (bool, int, float))}   # steps: state
+    if getattr(optimizer, "lr_scale", None):    # only when set, so runs saved before it existed still match
+        hyper["lr_scale"] = dict(optimizer.lr_scale)
     return {"epochs": epochs, "optimizer": {"class": type(optimizer).__name__, **hyper},
             **{k: plain(v) for k, v in sorted(fit_kwargs.items())}}
 

@@ -463,3 +463,24 @@ def test_mlp_is_notebook_4s_pixel_perceptron():
     small = M.mlp(in_features=4, hidden=5, dropout=0.1, num_classes=3, seed=1)
     assert [p.shape for _, p, _ in small.parameters()] == [(4, 5), (5,), (5, 3), (3,)]
     assert not np.array_equal(M.mlp(seed=1).layers[1].params["W"], built.layers[1].params["W"])
+
+
+def test_identity_filters_pass_channels_through_and_cifar_net_uses_them_when_asked():
+    conv = L.Conv2D(3, 5, 3, padding=1, dtype=np.float64)
+    M.Sequential([conv], seed=0)
+    rest = conv.params["W"][3:].copy()
+    M.identity_filters(conv)
+    x = np.random.default_rng(0).standard_normal((2, 3, 6, 6))
+    out = conv.forward(x, training=False)
+    np.testing.assert_allclose(out[:, :3], x + conv.params["b"][:3, None, None])   # channel f -> output f
+    np.testing.assert_array_equal(conv.params["W"][3:], rest)                    # the other filters unchanged
+    with pytest.raises(ValueError, match="odd kernel"):
+        M.identity_filters(L.Conv2D(3, 5, 2))
+    plain, ident = M.cifar_net((4, 8), seed=0), M.cifar_net((4, 8), seed=0, identity=True)
+    convs = [i for i, layer in enumerate(ident.layers) if isinstance(layer, L.Conv2D)]
+    np.testing.assert_array_equal(ident.layers[0].params["W"], plain.layers[0].params["W"])   # not the 2x2 stem
+    for i in convs[1:]:
+        W = ident.layers[i].params["W"]
+        k = min(W.shape[:2])
+        assert (W[:k, :, 1, 1][np.arange(k), np.arange(k)] == 1).all() and np.abs(W[:k]).sum() == k
+        assert not np.array_equal(W, plain.layers[i].params["W"])

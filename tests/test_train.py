@@ -642,3 +642,20 @@ def test_evaluate_with_flip_tta_averages_the_logits():
     flat = M.Sequential([L.Dense(4, 3)])
     with pytest.raises(ValueError, match=r"evaluate: tta='flip' .*\(N, C, H, W\)"):
         T.evaluate(flat, x[:, 0, 0], y, tta="flip")
+
+
+def test_lr_scale_multiplies_the_rate_of_the_named_parameters_only():
+    model = M.Sequential([L.Dense(1, 1, dtype=F64), L.BatchNorm(1, dtype=F64)], seed=None)
+    dense, norm = model.layers
+    for layer in model.layers:
+        layer.grads = {name: np.ones_like(p) for name, p in layer.params.items()}
+    T.SGD(0.1, lr_scale={"beta": 8}).step(model)
+    assert norm.params["beta"][0] == pytest.approx(-0.8)        # 0 - 8 * 0.1 * 1
+    assert norm.params["gamma"][0] == pytest.approx(0.9)        # the plain rate
+    assert dense.params["b"][0] == pytest.approx(-0.1)
+    with pytest.raises(ValueError, match=r"lr_scale names \['bta'\].*'beta'"):
+        T.SGD(0.1, lr_scale={"bta": 8}).step(model)              # a typo is not ignored
+    with pytest.raises(ValueError, match="lr_scale"):
+        T.Adam(lr_scale={"beta": -1.0})
+    with pytest.raises(ValueError, match="must be a dict"):
+        T.SGD(0.1, lr_scale=8)
