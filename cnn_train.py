@@ -73,19 +73,18 @@ class Optimizer:
         self.steps = 0
 
     def step(self, model):
+        params = [(key, key.split(".", 1)[1], param, grad)         # key: "<layer index>.<name>"
+                  for key, param, grad in model.parameters(trainable_only=True)]
+        names = {name for _, name, _, _ in params}
+        if not set(self.lr_scale) <= names:     # a typo would otherwise train at the plain rate, silently
+            raise ValueError(f"{type(self).__name__}: lr_scale names {sorted(set(self.lr_scale) - names)}, "
+                             f"which no trainable parameter has; the model's are {sorted(names)}")
         self.steps += 1
-        names = set()
-        for key, param, grad in model.parameters(trainable_only=True):
+        for key, name, param, grad in params:
             if grad is None:
                 raise RuntimeError(f"{type(self).__name__}: no gradient for {key}; call backward() first")
-            name = key.split(".", 1)[1]                     # key: "<layer index>.<name>"
-            names.add(name)
             self.update(key, param, grad, decay=self.weight_decay if name == "W" else 0.0,
                         lr=self.lr * self.lr_scale.get(name, 1.0))
-        unknown = set(self.lr_scale) - names
-        if unknown:                         # a typo would otherwise train at the plain rate, silently
-            raise ValueError(f"{type(self).__name__}: lr_scale names {sorted(unknown)}, which no trainable "
-                             f"parameter has; the model's are {sorted(names)}")
 
     def buffer_names(self):
         """Names of the per-parameter buffers this optimiser keeps in ``state``."""

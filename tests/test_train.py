@@ -655,6 +655,7 @@ def test_lr_scale_multiplies_the_rate_of_the_named_parameters_only():
     assert dense.params["b"][0] == pytest.approx(-0.1)
     with pytest.raises(ValueError, match=r"lr_scale names \['bta'\].*'beta'"):
         T.SGD(0.1, lr_scale={"bta": 8}).step(model)              # a typo is not ignored
+    assert norm.params["beta"][0] == pytest.approx(-0.8)        # and nothing was updated
     with pytest.raises(ValueError, match="lr_scale"):
         T.Adam(lr_scale={"beta": -1.0})
     with pytest.raises(ValueError, match="must be a dict"):
