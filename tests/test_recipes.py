@@ -181,3 +181,17 @@ def test_cifar_ablation_is_notebook_3s_variants_in_order():
         ("no label smoothing", {"label_smoothing": 0.0}), ("no weight averaging", {"ema": 0}),
         ("no flips or shifts", {"shift": 0, "flip": False})]
     assert all(set(changes) <= set(Q.CIFAR_RECIPE) for changes in Q.CIFAR_ABLATION.values())
+
+
+def test_cifar_recipe_options_from_airbench_reach_the_model_and_the_saved_settings():
+    import cnn_report as R
+    x = np.random.default_rng(0).integers(0, 256, (24, 3, 16, 16), dtype=np.uint8)
+    model, optimizer, kwargs = Q.cifar_recipe(x, seed=0, widths=(8, 16), whiten_images=20)
+    assert optimizer.lr_scale == {} and "lr_scale" not in R.run_settings(optimizer, 1, {})["optimizer"]
+    model, optimizer, kwargs = Q.cifar_recipe(x, seed=0, widths=(8, 16), whiten_images=20, bn_shift_lr=64,
+                                              identity_init=True)
+    assert R.run_settings(optimizer, 1, {})["optimizer"]["lr_scale"] == {"beta": 64.0}
+    second = model.layers[6].params["W"]          # the block's second 3x3 convolution, 8 -> 8
+    assert isinstance(model.layers[6], L.Conv2D) and np.array_equal(second[:, :, 1, 1], np.eye(8))
+    _, optimizer, _ = Q.mnist_recipe(bn_shift_lr=8)
+    assert optimizer.lr_scale == {"beta": 8.0}
