@@ -37,7 +37,12 @@ from cnn_train import SGD, Adam, augmentation, cosine_schedule, warmup_linear_sc
 # The report's own runs are in report.json.
 # ---------------------------------------------------------------------------
 
-# MNIST: ``M.mnist_net_v2``'s widths 16/32/64 for 8 epochs. Validation runs (2026-11-26, seeds
+# MNIST: ``M.mnist_net_v2``'s widths 16/32/64 for 10 epochs: validation (2026-11-26, seeds 0 / 1 / 2, two
+# runs side by side with one OpenBLAS thread each) 99.56 / 99.56 / 99.34 % (with the shift TTA 99.48 /
+# 99.54 / 99.44 %), 287 / 289 / 255 s of training, against 8 epochs' 99.50 / 99.50 / 99.32 % (TTA 99.50 /
+# 99.52 / 99.42 %) below: the same mean with the TTA (99.49 against 99.48 %), 0.05 points more without it,
+# and 9 epochs in between (99.47 %, TTA 99.50 %); the budget of five minutes fits 10.
+# Until then 8 epochs. Validation runs (2026-11-26, seeds
 # 0 / 1 / 2, two runs side by side with one BLAS thread each, as in the report build): 99.50 /
 # 99.50 / 99.32 % (with the shift TTA 99.50 / 99.52 / 99.42 %), 227-234 s of training; widths
 # 32/64/128 for 5 epochs (the report's runs until then): 99.44 / 99.36 / 99.40 % (TTA 99.50 /
@@ -52,7 +57,7 @@ from cnn_train import SGD, Adam, augmentation, cosine_schedule, warmup_linear_sc
 # (``rotate=10, zoom=0.1``) 99.36 / 99.44 / 99.38 % (TTA 99.46 / 99.44 / 99.52 %; 198-207 s): both within
 # the seed-to-seed spread of the recipe's own runs.
 MNIST_RECIPE = dict(
-    epochs=8, batch_size=128,
+    epochs=10, batch_size=128,
     lr=0.05, momentum=0.9, weight_decay=5e-4,      # SGD with Nesterov momentum
     warmup=0.2,                                     # warmup_linear_schedule: 20 % up, then down to 0
     label_smoothing=0.1, ema=0.998,                 # smoothed targets; an average of the weights
