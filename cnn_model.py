@@ -591,7 +591,7 @@ def identity_filters(conv):
 
 
 def cifar_net(widths=(64, 128, 256), whiten=None, num_classes=10, input_size=32, in_channels=3, seed=0,
-              eps=5e-4, identity=False, impl="vectorized", dtype=DEFAULT_DTYPE):
+              eps=5e-4, identity=False, activation="relu", impl="vectorized", dtype=DEFAULT_DTYPE):
     """The fast CIFAR-10 network (after Page's and Jordan's airbench):
 
     stem: 2x2 conv C -> 8C (padding 0) -> ReLU; then for each width w of ``widths``:
@@ -602,7 +602,8 @@ def cifar_net(widths=(64, 128, 256), whiten=None, num_classes=10, input_size=32,
     ``whiten``: None for a stem trained from a random (He) start, or a sample
     of training images (N, C, H, W) for ``whitening_conv(whiten, 2, eps)``, a
     frozen stem with the same shape. ``identity``: ``identity_filters`` on every
-    3x3 convolution after the He start. x: (N, in_channels, input_size, input_size)
+    3x3 convolution after the He start. ``activation``: "relu" or "gelu" (airbench's) after
+    every BatchNorm and the stem. x: (N, in_channels, input_size, input_size)
     floats or uint8; any size works as long as each pool has at least one pixel
     (the remaining size is computed: 32 -> 31 -> 15 -> 7 -> 3 -> 1).
     """
@@ -615,6 +616,10 @@ def cifar_net(widths=(64, 128, 256), whiten=None, num_classes=10, input_size=32,
     num_classes = _positive_int(where, "num_classes", num_classes)
     size = _positive_int(where, "input_size", input_size)
     in_channels = _positive_int(where, "in_channels", in_channels)
+    activations = {"relu": ReLU, "gelu": GELU}
+    if activation not in activations:
+        raise ValueError(f"{where}: activation must be one of {sorted(activations)}, got {activation!r}")
+    act = activations[activation]
     if whiten is None:
         stem = Conv2D(in_channels, 8 * in_channels, 2, padding=0, impl=impl, dtype=dtype)
     else:
@@ -622,12 +627,12 @@ def cifar_net(widths=(64, 128, 256), whiten=None, num_classes=10, input_size=32,
         if stem.in_channels != in_channels:
             raise ValueError(f"{where}: the whitening sample has {stem.in_channels} channels but "
                              f"in_channels is {in_channels}")
-    layers, c, size = [stem, ReLU(impl=impl)], stem.out_channels, size - 1
+    layers, c, size = [stem, act(impl=impl)], stem.out_channels, size - 1
     for w in widths:
         layers += [Conv2D(c, w, 3, padding=1, impl=impl, dtype=dtype), MaxPool2D(2, impl=impl),
-                   BatchNorm(w, impl=impl, dtype=dtype), ReLU(impl=impl),
+                   BatchNorm(w, impl=impl, dtype=dtype), act(impl=impl),
                    Conv2D(w, w, 3, padding=1, impl=impl, dtype=dtype), BatchNorm(w, impl=impl, dtype=dtype),
-                   ReLU(impl=impl)]
+                   act(impl=impl)]
         size //= 2
         if size < 1:
             raise ValueError(f"{where}: input_size {input_size} is too small for {len(widths)} blocks "

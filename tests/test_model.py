@@ -484,3 +484,16 @@ def test_identity_filters_pass_channels_through_and_cifar_net_uses_them_when_ask
         k = min(W.shape[:2])
         assert (W[:k, :, 1, 1][np.arange(k), np.arange(k)] == 1).all() and np.abs(W[:k]).sum() == k
         assert not np.array_equal(W, plain.layers[i].params["W"])
+
+
+def test_cifar_net_activation_choice():
+    relu, gelu = M.cifar_net((4, 8), seed=0), M.cifar_net((4, 8), seed=0, activation="gelu")
+    kinds = [type(layer) for layer in relu.layers]
+    assert kinds.count(L.ReLU) == 5 and L.GELU not in kinds                  # the stem's and two per block
+    assert [type(layer) for layer in gelu.layers] == [L.GELU if k is L.ReLU else k for k in kinds]
+    for a, b in zip(relu.parameters(), gelu.parameters()):                    # same start, other non-linearity
+        np.testing.assert_array_equal(a[1], b[1])
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    assert not np.allclose(relu.forward(x, training=False), gelu.forward(x, training=False))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        M.cifar_net((4, 8), activation="tanh")
