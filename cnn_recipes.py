@@ -67,19 +67,19 @@ MNIST_RECIPE = dict(
     bn_shift_lr=1,                                  # BatchNorm shifts (beta) at this many times lr
 )
 
-# CIFAR-10: 10 epochs, 87.74 % validation accuracy with the ten-view TTA (86.18 % without) in the run
-# that chose them; 87.34 % test in the report's run, 212-268 s an epoch beside the other lane (37.4
-# minutes in the afternoon's build of 2026-11-26, 42.1 in the evening's: over the 30-minute budget). Tried from airbench (2026-11-26, validation only): on notebook 3's short schedule (5,000
-# training / 2,000 validation images, widths 32/64/128, 3 epochs, seeds 0 / 1 / 2, with the TTA) the
-# recipe reached 49.05 / 46.50 / 52.00 %; BatchNorm shifts at 64 times the rate (``bn_shift_lr=64``)
-# 52.40 / 50.75 / 53.60 %, at 8 times 52.50 / 43.45 / 52.55 %; identity filters (``identity_init``)
-# 38.20 / 42.90 / 35.20 %, with shifts at 8 times 42.40 / 45.00 / 36.35 %. On the full data (seed 0,
-# two runs side by side, one OpenBLAS thread each) shifts at 64 times reached 86.08 % with the TTA in
-# 7 epochs and 86.72 % in 8 (85.26 / 85.78 % without; 228-239 s an epoch), short of the plain
-# recipe's 87.74 % in 10: fewer epochs cost more than the faster shifts bring back, and neither
-# was adopted (the plain recipe for 8 epochs: 85.24 %, with the TTA 86.70 %, as with the
-# faster shifts). On the MNIST recipe,
-# shifts at 64 times gave 99.42 / 99.52 / 99.54 % with the TTA against 99.50 / 99.52 / 99.42 %.
+# CIFAR-10: 10 epochs, 87.74 % validation accuracy with the ten-view TTA (86.18 % without) in the run that
+# chose them; 87.34 % test in the report's run, 212-268 s an epoch beside the other lane (37.4 minutes in the
+# afternoon's build of 2026-11-26, 42.1 in the evening's: over the 30-minute budget). Tried from airbench
+# (2026-11-26, validation only): on notebook 3's short schedule (5,000 training / 2,000 validation images,
+# widths 32/64/128, 3 epochs, seeds 0 / 1 / 2, with the TTA) the recipe reached 49.05 / 46.50 / 52.00 %;
+# BatchNorm shifts at 64 times the rate (``bn_shift_lr=64``) 52.40 / 50.75 / 53.60 %, at 8 times 52.50 / 43.45
+# / 52.55 %; identity filters (``identity_init``) 38.20 / 42.90 / 35.20 %, with shifts at 8 times 42.40 /
+# 45.00 / 36.35 %. On the full data (seed 0, two runs side by side, one OpenBLAS thread each) shifts at 64
+# times reached 86.08 % with the TTA in 7 epochs and 86.72 % in 8 (85.26 / 85.78 % without; 228-239 s an
+# epoch), short of the plain recipe's 87.74 % in 10: fewer epochs cost more than the faster shifts bring back,
+# and neither was adopted (the plain recipe for 8 epochs: 85.24 %, with the TTA 86.70 %, as with the faster
+# shifts). On the MNIST recipe, shifts at 64 times gave 99.42 / 99.52 / 99.54 % with the TTA against 99.50 /
+# 99.52 / 99.42 %.
 CIFAR_RECIPE = dict(
     epochs=10, batch_size=128, widths=(64, 128, 256),
     lr=0.1, momentum=0.9, weight_decay=5e-4,
