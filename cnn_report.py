@@ -301,6 +301,12 @@ def _settings_changes(saved, asked):
             for key in sorted(set(saved) | set(asked)) if not same(saved.get(key), asked.get(key))]
 
 
+def _layer_specs(model):
+    """Each layer's type and settings (not ``impl``: loop and vectorized do the same maths)."""
+    return [f"{type(layer).__name__} {json.dumps({k: v for k, v in layer.config().items() if k != 'impl'}, sort_keys=True)}"
+            for layer in model.layers]
+
+
 def train_or_load(runs, name, model, data, optimizer, epochs, progress=False, **fit_kwargs):
     """Train ``model`` on ``data`` unless ``runs/<name>.npz`` already exists.
 
@@ -328,6 +334,12 @@ def train_or_load(runs, name, model, data, optimizer, epochs, progress=False, **
         if shapes[0] != shapes[1]:
             raise ValueError(f"{model_path} holds a different network than the one asked for "
                              f"(parameters {shapes[1]} instead of {shapes[0]}); delete it and "
+                             f"{history_path.name} to train again")
+        layers = [_layer_specs(m) for m in (model, saved)]
+        if layers[0] != layers[1]:            # same shapes, other layers (a GELU for a ReLU, another dropout)
+            i = next(i for i, (a, b) in enumerate(zip(*layers)) if a != b)
+            raise ValueError(f"{model_path} holds a different network than the one asked for (layer {i}: "
+                             f"{layers[1][i]} instead of {layers[0][i]}); delete it and "
                              f"{history_path.name} to train again")
         history = json.loads(history_path.read_text())
         saved_settings = history.pop("settings", {"epochs": len(history["val_acc"])})
