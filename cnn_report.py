@@ -11,6 +11,7 @@ settings (quick mode, output folders, the MNIST recipe) live in
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -303,8 +304,8 @@ def _settings_changes(saved, asked):
 
 def _layer_specs(model):
     """Each layer's type and settings (not ``impl``: loop and vectorized do the same maths)."""
-    return [f"{type(layer).__name__} {json.dumps({k: v for k, v in layer.config().items() if k != 'impl'}, sort_keys=True)}"
-            for layer in model.layers]
+    settings = [{k: v for k, v in layer.config().items() if k != "impl"} for layer in model.layers]
+    return [f"{type(layer).__name__} {json.dumps(s, sort_keys=True)}" for layer, s in zip(model.layers, settings)]
 
 
 def train_or_load(runs, name, model, data, optimizer, epochs, progress=False, **fit_kwargs):
@@ -337,9 +338,10 @@ def train_or_load(runs, name, model, data, optimizer, epochs, progress=False, **
                              f"{history_path.name} to train again")
         layers = [_layer_specs(m) for m in (model, saved)]
         if layers[0] != layers[1]:            # same shapes, other layers (a GELU for a ReLU, another dropout)
-            i = next(i for i, (a, b) in enumerate(zip(*layers)) if a != b)
+            i = next(i for i, (a, b) in enumerate(itertools.zip_longest(*layers)) if a != b)   # or one is longer
+            asked, held = (specs[i] if i < len(specs) else "no layer" for specs in layers)
             raise ValueError(f"{model_path} holds a different network than the one asked for (layer {i}: "
-                             f"{layers[1][i]} instead of {layers[0][i]}); delete it and "
+                             f"{held} instead of {asked}); delete it and "
                              f"{history_path.name} to train again")
         history = json.loads(history_path.read_text())
         saved_settings = history.pop("settings", {"epochs": len(history["val_acc"])})

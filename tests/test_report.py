@@ -156,6 +156,10 @@ def test_train_or_load_refuses_a_saved_run_of_another_network(tmp_path):
     gelu.layers[1] = L.GELU()
     with pytest.raises(ValueError, match=r"toy.npz holds a different network .*\(layer 1: ReLU .* instead of GELU"):
         R.train_or_load(tmp_path, "toy", gelu, data, T.Adam(1e-2), 1, batch_size=8)
+    longer = toy_model(hidden=3)                                         # one more layer, no more parameters
+    longer.layers.append(L.ReLU())
+    with pytest.raises(ValueError, match=r"holds a different network .*\(layer 4: no layer instead of ReLU"):
+        R.train_or_load(tmp_path, "toy", longer, data, T.Adam(1e-2), 1, batch_size=8)
     loop = M.Sequential([L.Conv2D(1, 3, 3, padding=1, impl="loop"), L.ReLU(impl="loop"), L.Flatten(),
                          L.Dense(3 * 36, 3, impl="loop")], seed=0)         # the loop versions: the same network
     R.train_or_load(tmp_path, "toy", loop, data, T.Adam(1e-2), 1, batch_size=8)
