@@ -648,7 +648,7 @@ def cifar_net(widths=(64, 128, 256), whiten=None, num_classes=10, input_size=32,
 
 
 def cifar_rows_conv1d(seed=0, dropout=0.1):
-    """CIFAR-10 read as a sequence of its 32 rows by 1-D convolutions (notebook 4's
+    """CIFAR-10 read as a sequence of its 32 rows by 1-D convolutions (notebook 7's
     row-sequence model): RowsToSequence turns x (N, 3, 32, 32) into (N, 96, 32),
     the 96 values of a row (32 pixels x RGB, interleaved) as channels; then
     ``conv_net`` with ``dims=1``: two blocks of 2 x (Conv1D k=3 -> BatchNorm -> ReLU)

@@ -199,15 +199,15 @@ def confusion_pairs_table(confusions, k=5):
     return markdown_table(["model", "true → predicted", "test images", "share of the true class"], rows)
 
 
-def report_confusions(mnist, bonus):
+def report_confusions(mnist, cifar):
     """{model: (confusion matrix, class names)} for ``confusion_pairs_table`` from
-    notebook 1's mnist_results.json and notebook 4's bonus_results.json records
+    notebook 1's mnist_results.json and notebook 4's cifar_results.json records
     (dicts, as ``read_results`` returns them; None: that model is left out)."""
     confusions = {}
     if mnist:
         confusions["MNIST"] = (mnist["confusion"], mnist["class_names"])
-    if bonus:
-        confusions["CIFAR-10 2-D CNN"] = (bonus["cifar_confusion"], bonus["class_names"])
+    if cifar:
+        confusions["CIFAR-10 2-D CNN"] = (cifar["cifar_confusion"], cifar["class_names"])
     return confusions
 
 
@@ -658,26 +658,45 @@ def save_results_task(runs, task_id, dataset, model, results, seeds):
     return record
 
 
-def save_bonus_results(runs, results, mnist_gru, source, class_names):
-    """Notebook 4's records, one seed each. ``runs/bonus_results.json``: for each
-    model of ``results`` ({name: Result} of the four CIFAR-10 models: "2-D CNN",
-    "row sequence (Conv1D)", "row sequence (GRU)", "MLP on pixels"), its accuracy,
-    parameters, seconds per epoch and epochs; the CIFAR-10 copy ``source``
-    (``load_cifar10``), ``class_names`` and the 2-D CNN's confusion matrix (K, K) as
-    lists. Then a task record (``save_results_task``) of each of those models and of
-    ``mnist_gru`` (the MNIST row GRU). Returns the bonus_results.json dict."""
-    summary = {r.name: r.summary("accuracy", "params", "seconds", "epochs") for r in results.values()}
-    bonus = dict(models=summary, cifar_source=source, class_names=class_names,
-                 cifar_confusion=results["2-D CNN"].report["confusion"].tolist())
-    F.save_json(Path(runs) / "bonus_results.json", bonus)
+# The report.json task of each bonus model, by its name in notebooks 4 and 7, in the
+# order of the summary's CIFAR-10 comparison (the MNIST row GRU is not part of it).
+BONUS_TASKS = {"2-D CNN": "cifar10-cnn", "row sequence (Conv1D)": "cifar10-rows",
+               "row sequence (GRU)": "cifar10-rows-gru", "MLP on pixels": "cifar10-mlp",
+               "MNIST rows (GRU)": "mnist-rows-gru"}
+# What a bonus results file keeps of each Result: enough for the summary's table and curves.
+BONUS_FIELDS = ("name", "params", "epochs", "seconds", "curve", "train_seconds", "accuracy")
+
+
+def save_bonus_results(runs, filename, results, source, class_names):
+    """Notebook 4's or 7's records, one seed each, in ``runs/<filename>``:
+    ``models``, each ``Result`` of ``results`` ({name: Result}, names from
+    ``BONUS_TASKS``) as its ``BONUS_FIELDS`` (``bonus_models`` reads them back); the
+    CIFAR-10 copy ``source`` (``load_cifar10``), ``class_names``, and the 2-D CNN's
+    confusion matrix (K, K) as lists when it is among them. Then a task record
+    (``save_results_task``) of each model. Returns the dict written."""
+    unknown = set(results) - set(BONUS_TASKS)
+    if unknown:
+        raise ValueError(f"save_bonus_results: no report.json task for {sorted(unknown)}; "
+                         f"the names are {list(BONUS_TASKS)}")
+    bonus = dict(models={n: r.summary(*BONUS_FIELDS) for n, r in results.items()}, cifar_source=source,
+                 class_names=list(class_names))
+    if "2-D CNN" in results:
+        bonus["cifar_confusion"] = results["2-D CNN"].report["confusion"].tolist()
+    F.save_json(Path(runs) / filename, bonus)
     cifar = "CIFAR-10 (JPEG copy)" if "JPEG" in source else "CIFAR-10"
-    for task, dataset, r in [("cifar10-cnn", cifar, results["2-D CNN"]),
-                             ("cifar10-rows", cifar, results["row sequence (Conv1D)"]),
-                             ("cifar10-rows-gru", cifar, results["row sequence (GRU)"]),
-                             ("cifar10-mlp", cifar, results["MLP on pixels"]),
-                             ("mnist-rows-gru", "MNIST", mnist_gru)]:
-        save_results_task(runs, task, dataset, r.name, [r], seeds=[0])      # one seed each: the report says so
+    for name, r in results.items():
+        dataset = "MNIST" if BONUS_TASKS[name].startswith("mnist") else cifar
+        save_results_task(runs, BONUS_TASKS[name], dataset, r.name, [r], seeds=[0])   # one seed each: the report says so
     return bonus
+
+
+def bonus_models(*records):
+    """The ``Result`` records that ``save_bonus_results`` files hold (``records``: their
+    dicts as ``read_results`` returns them, None for a file not written yet), as
+    {name: Result} in ``BONUS_TASKS``'s order, without the MNIST row GRU: the summary's
+    CIFAR-10 comparison."""
+    models = {n: m for record in records if record for n, m in record["models"].items()}
+    return {n: Result(**models[n]) for n in BONUS_TASKS if n in models and not BONUS_TASKS[n].startswith("mnist")}
 
 
 def write_report_json(runs, path):

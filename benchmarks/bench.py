@@ -89,7 +89,7 @@ NETWORKS = {
                          Epoch(45_000, "T.SGD(0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)",   # CIFAR_RECIPE's
                                "T.augmentation(crop=2, flip=True)", {"seconds": 60.0, "peak_rss_mb": 2000.0},
                                batch=128, fit="dict(ema=0.998, label_smoothing=0.2)")),
-    "rows": Network("row-sequence network (notebook 4: rows as 32 vectors of 96, Conv1D 128/256)",
+    "rows": Network("row-sequence network (notebook 7: rows as 32 vectors of 96, Conv1D 128/256)",
                     "M.cifar_rows_conv1d(seed=0)", (3, 32, 32)),
 }
 STEP_OPTIMIZER = "T.SGD(0.01, momentum=0.9)"           # the training step: SGD with momentum
