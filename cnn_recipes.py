@@ -10,7 +10,7 @@ A recipe is a function that returns ``(model, optimizer, fit_kwargs)``:
 
 Keyword arguments with a setting's name replace it (``epochs=1`` for a test);
 ``seed`` seeds both the initialisation and ``fit`` (shuffling, augmentation,
-dropout). What each setting does: notebooks 1 and 4; what removing it costs: notebook 3.
+dropout). What each setting does: notebooks 1, 4 and 7; what removing it costs: notebook 3.
 
 Notebook 3's MNIST design study is here too, as data (``MNIST_STUDY``) and the
 function that trains it (``mnist_study``), and its CIFAR-10 ablation (``CIFAR_ABLATION``).

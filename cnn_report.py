@@ -206,7 +206,7 @@ def report_confusions(mnist, cifar):
     confusions = {}
     if mnist:
         confusions["MNIST"] = (mnist["confusion"], mnist["class_names"])
-    if cifar:
+    if cifar and "cifar_confusion" in cifar:          # notebook 7's record has no 2-D CNN
         confusions["CIFAR-10 2-D CNN"] = (cifar["cifar_confusion"], cifar["class_names"])
     return confusions
 
@@ -691,10 +691,11 @@ def save_bonus_results(runs, filename, results, source, class_names):
 
 
 def bonus_models(*records):
-    """The ``Result`` records that ``save_bonus_results`` files hold (``records``: their
-    dicts as ``read_results`` returns them, None for a file not written yet), as
-    {name: Result} in ``BONUS_TASKS``'s order, without the MNIST row GRU: the summary's
-    CIFAR-10 comparison."""
+    """The models that ``save_bonus_results`` files hold (``records``: their dicts as
+    ``read_results`` returns them, None for a file not written yet) as ``Result``
+    records, as far as ``BONUS_FIELDS`` keeps them (no report, probabilities or TTA),
+    {name: Result} in ``BONUS_TASKS``'s order, without the MNIST row GRU: the
+    summary's CIFAR-10 comparison."""
     models = {n: m for record in records if record for n, m in record["models"].items()}
     return {n: Result(**models[n]) for n in BONUS_TASKS if n in models and not BONUS_TASKS[n].startswith("mnist")}
 

@@ -434,8 +434,8 @@ def test_mnist_net_v2_blocks_pool_before_normalising():
     assert M.mnist_net_v2(channels=(8,), hidden=16).forward(np.zeros((1, 1, 28, 28), np.float32)).shape == (1, 10)
 
 
-def test_cifar_rows_conv1d_is_notebook_4s_row_sequence_network():
-    """The builder gives the network notebook 4 built inline (same layers, same
+def test_cifar_rows_conv1d_is_notebook_7s_row_sequence_network():
+    """The builder gives the network notebook 4 (now 7) built inline (same layers, same
     initial weights), so the saved run "cifar_rows" stays valid."""
     inline = M.Sequential([L.RowsToSequence()] + M.conv_net(
         in_channels=96, input_size=32, channels=(128, 256), convs_per_block=2, batchnorm=True,

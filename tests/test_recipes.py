@@ -129,7 +129,7 @@ def _same_run(built, inline):
 
 
 @pytest.mark.parametrize("epochs", [18, 1])         # the report's run and the quick mode's
-def test_rows_conv1d_and_mlp_recipes_are_notebook_4s_saved_runs(epochs):
+def test_rows_conv1d_and_mlp_recipes_are_notebooks_4_and_7s_saved_runs(epochs):
     """The recipes give exactly the runs notebook 4 built inline, so the saved runs
     "cifar_rows" and "cifar_mlp" stay valid (train_or_load reuses them)."""
     changes = {} if epochs == 18 else {"epochs": 1}
@@ -160,9 +160,9 @@ def test_rows_conv1d_and_mlp_recipes_change_settings_and_refuse_typos():
 
 
 @pytest.mark.parametrize("quick", [False, True])
-def test_row_gru_recipes_are_notebook_4s_saved_runs(quick):
+def test_row_gru_recipes_are_notebook_7s_saved_runs(quick):
     """CIFAR-10: ROWS_GRU_RECIPE's 5 epochs; MNIST: 3 epochs; 1 each in quick mode
-    (as notebook 4 built them, so "cifar_rows_gru" and "mnist_rows_gru" stay valid)."""
+    (as notebook 4, now 7, built them, so "cifar_rows_gru" and "mnist_rows_gru" stay valid)."""
     changes = {"epochs": 1} if quick else {}
     cifar, mnist = (1, 1) if quick else (Q.ROWS_GRU_RECIPE["epochs"], 3)
     for built, network, epochs in [(Q.cifar_rows_gru_recipe(**changes), M.cifar_rows_gru, cifar),

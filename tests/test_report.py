@@ -599,7 +599,7 @@ def test_seeds_sentence_is_notebook_1s_result_sentence(monkeypatch):
                    "at most 4.0 minutes of training.")
 
 
-def test_run_sentence_and_target_sentence_are_notebook_4s_result_sentences():
+def test_run_sentence_and_target_sentence_are_notebooks_4_and_7s_result_sentences():
     cnn = R.Result("2-D CNN", 10, 10, 151.4, [0.9], train_seconds=1514.2, accuracy=0.9123,
                    report={"macro": {"precision": 0.91234, "recall": 0.9121}})
     assert R.run_sentence(cnn, "2-D CNN", target=0.90, how="with flip test-time augmentation") == (
@@ -616,10 +616,11 @@ def test_run_sentence_and_target_sentence_are_notebook_4s_result_sentences():
 @pytest.mark.parametrize("source", ["the CIFAR-10 binary batches", "the JPEG copy of CIFAR-10 (folder x)"])
 def test_save_bonus_results_writes_each_notebooks_models_and_one_task_per_model(tmp_path, source):
     names = ["2-D CNN", "MLP on pixels", "row sequence (Conv1D)", "row sequence (GRU)", "MNIST rows (GRU)"]
-    cm = np.array([[3, 1], [0, 4]])
     accuracies = [0.6, 0.7, 0.8, 0.9, 0.98]
     results = {n: R.Result(n, 100 + k, k + 1, 10.0 + k, [0.5, 0.5 + k / 10], train_seconds=20.0 + k,
-                           accuracy=accuracies[k], report={"confusion": cm}) for k, n in enumerate(names)}
+                           accuracy=accuracies[k], report={"confusion": np.array([[3, 1], [k, 4]])},
+                           tta="flip" if k == 0 else None, val_acc_tta=0.61 if k == 0 else None)
+               for k, n in enumerate(names)}
     cifar = R.save_bonus_results(tmp_path, "cifar_results.json", {n: results[n] for n in names[:2]}, source,
                                  ("cat", "dog"))
     rows = R.save_bonus_results(tmp_path, "rows_results.json", {n: results[n] for n in names[2:]}, source,
@@ -627,15 +628,19 @@ def test_save_bonus_results_writes_each_notebooks_models_and_one_task_per_model(
     assert cifar == json.loads((tmp_path / "cifar_results.json").read_text())
     assert rows == json.loads((tmp_path / "rows_results.json").read_text())
     assert (cifar["cifar_source"], cifar["cifar_confusion"], cifar["class_names"]) == (source, [[3, 1], [0, 4]],
-                                                                                       ["cat", "dog"])
+                                                                                       ["cat", "dog"])   # the 2-D CNN's
     assert "cifar_confusion" not in rows                    # only the 2-D CNN's matrix is kept
+    assert (rows["cifar_source"], rows["class_names"]) == (source, ["cat", "dog"])
+    assert list(rows["models"]) == names[2:]                # the MNIST row GRU is recorded too
     assert cifar["models"]["MLP on pixels"] == {"name": "MLP on pixels", "params": 101, "epochs": 2, "seconds": 11.0,
                                                 "curve": [0.5, 0.6], "train_seconds": 21.0, "accuracy": 0.7}
+    assert rows["models"]["MNIST rows (GRU)"]["accuracy"] == 0.98
     # The summary's comparison: the four CIFAR-10 models in BONUS_TASKS's order, read back
-    # as Results, without the MNIST row GRU; a file not written yet (None) is skipped.
+    # as Results (BONUS_FIELDS only), without the MNIST row GRU; a file not written yet (None) is skipped.
+    assert set(R.BONUS_FIELDS) <= {f.name for f in dataclasses.fields(R.Result)}
     views = R.bonus_models(rows, cifar)
     assert list(views) == ["2-D CNN", "row sequence (Conv1D)", "row sequence (GRU)", "MLP on pixels"]
-    assert all(views[n] == dataclasses.replace(results[n], report=None) for n in views)
+    assert all(views[n] == dataclasses.replace(results[n], report=None, tta=None, val_acc_tta=None) for n in views)
     assert list(R.bonus_models(None, rows)) == ["row sequence (Conv1D)", "row sequence (GRU)"]
     dataset = "CIFAR-10 (JPEG copy)" if "JPEG" in source else "CIFAR-10"
     expected = {"cifar10-cnn": (dataset, "2-D CNN", 0.6), "cifar10-mlp": (dataset, "MLP on pixels", 0.7),
@@ -659,6 +664,7 @@ def test_report_confusions_takes_each_record_that_exists():
     assert list(R.report_confusions(None, cifar)) == ["CIFAR-10 2-D CNN"]
     assert R.report_confusions(mnist, None) == {"MNIST": ([[1, 0], [2, 3]], ["0", "1"])}
     assert R.report_confusions(None, None) == {}
+    assert R.report_confusions(None, {"class_names": ["cat", "dog"]}) == {}     # a record without the 2-D CNN
 
 
 def test_study_record_is_notebook_3s_experiments_json():
