@@ -292,6 +292,38 @@ def run_settings(optimizer, epochs, fit_kwargs):
             **{k: plain(v) for k, v in sorted(fit_kwargs.items())}}
 
 
+def start_summary(model):
+    """A few numbers per parameter and buffer of an untrained ``model`` that tell its
+    starting point from another with the same layers (another initialisation seed,
+    ``identity_init``, other whitening images), as {"<param|buffer>.<layer>.<name>":
+    [L2 norm, mean absolute value(, product with a fixed random unit vector)]}, the
+    last for trained parameters only: a frozen layer computed from data (a whitening
+    stem) may come out with its filters' signs flipped or swapped on another machine.
+    ``_start_change`` compares them to 1e-3, far above last-bit differences between
+    machines or thread counts."""
+    summary = {}
+    for i, layer in enumerate(model.layers):
+        for kind, arrays in (("param", layer.params), ("buffer", layer.buffers)):
+            for name, array in arrays.items():
+                a = np.asarray(array, dtype=np.float64).ravel()
+                numbers = [float(np.linalg.norm(a)), float(np.abs(a).mean()) if a.size else 0.0]
+                if kind == "param" and layer.trainable:
+                    u = np.random.default_rng(a.size).standard_normal(a.size)
+                    numbers.append(float(a @ u) / max(float(np.linalg.norm(u)), 1e-12))
+                summary[f"{kind}.{i}.{name}"] = numbers
+    return summary
+
+
+def _start_change(saved, asked):
+    """The key of the first array whose ``start_summary`` numbers differ between two
+    summaries (by more than 1e-3 of the array's norm), or None when they agree."""
+    for key in sorted(set(saved) | set(asked)):
+        old, new = np.asarray(saved.get(key, []), float), np.asarray(asked.get(key, []), float)
+        if old.shape != new.shape or not np.allclose(old, new, rtol=1e-3, atol=1e-3 * (abs(new[0]) + 1e-12)):
+            return key
+    return None
+
+
 def _settings_changes(saved, asked):
     """Human-readable differences between two ``run_settings`` dicts. A function saved
     by its name alone (runs saved before functions carried their settings) matches
@@ -313,11 +345,13 @@ def train_or_load(runs, name, model, data, optimizer, epochs, progress=False, **
 
     model: the untrained network; when the run is already saved, the saved one
     is returned instead, after checking that its parameters have the same names
-    and shapes and that it was trained with the same settings (``run_settings``:
-    epochs, optimiser, ``fit`` keywords); otherwise a ValueError names the
-    difference and the files to delete, so a changed recipe never silently
-    reuses an old run. (Runs saved before settings were recorded are checked
-    for their number of epochs only.)
+    and shapes, its layers the same types and settings, that it started from the
+    same initial values (``start_summary``: an initialisation-only change such as
+    identity_init or the whitening images) and that it was trained with the same
+    settings (``run_settings``: epochs, optimiser, ``fit`` keywords); otherwise a
+    ValueError names the difference and the files to delete, so a changed recipe
+    never silently reuses an old run. (Runs saved before settings were recorded
+    are checked for their number of epochs only; before starts were, not for them.)
     An interrupted run resumes from its per-epoch checkpoint (same result as an
     uninterrupted one). ``progress=True`` shows a live progress bar with an ETA
     during each epoch; every epoch prints one line either way. ``fit_kwargs`` go
@@ -344,6 +378,12 @@ def train_or_load(runs, name, model, data, optimizer, epochs, progress=False, **
                              f"{held} instead of {asked}); delete it and "
                              f"{history_path.name} to train again")
         history = json.loads(history_path.read_text())
+        saved_start = history.pop("start", None)         # None: saved before starts were recorded
+        moved = saved_start is not None and _start_change(saved_start, start_summary(model))
+        if moved:
+            raise ValueError(f"{model_path} was trained from another starting point than the network asked for "
+                             f"({moved}: other initial values, e.g. another initialisation seed, identity_init "
+                             f"or whitening images); delete it and {history_path.name} to train again")
         saved_settings = history.pop("settings", {"epochs": len(history["val_acc"])})
         changes = _settings_changes(saved_settings, {k: settings.get(k) for k in saved_settings}
                                     if "optimizer" not in saved_settings else settings)
@@ -354,11 +394,12 @@ def train_or_load(runs, name, model, data, optimizer, epochs, progress=False, **
         saved.predictions_file = predictions
         return saved, history
     predictions.unlink(missing_ok=True)         # another run's, if any: its keys would never match again
+    start = start_summary(model)                # before training changes it
     history = T.fit(model, data.x_train, data.y_train, optimizer, epochs,
                     validation=(data.x_val, data.y_val), checkpoint=checkpoint,
                     progress=progress_bar(progress), **fit_kwargs).as_dict()
     model.save(model_path)
-    F.save_json(history_path, {**history, "settings": settings})
+    F.save_json(history_path, {**history, "settings": settings, "start": start})
     checkpoint.unlink(missing_ok=True)          # none when fit had no epoch to run
     model.predictions_file = predictions
     return model, history

@@ -181,6 +181,43 @@ def test_train_or_load_refuses_a_saved_run_trained_with_other_settings(tmp_path,
     assert again.num_params() == toy_model().num_params()
 
 
+def test_train_or_load_refuses_a_saved_run_that_started_from_other_initial_values(tmp_path):
+    data = toy_data()
+    def asked(model):
+        return dict(model=model, data=data, optimizer=T.Adam(1e-2), epochs=1, batch_size=8)
+    R.train_or_load(tmp_path, "toy", **asked(toy_model()))
+    other_seed = toy_model()
+    other_seed.initialize(1)                          # same layers, shapes and settings; other weights
+    identity = toy_model()
+    M.identity_filters(identity.layers[0])            # an initialisation-only recipe setting (identity_init)
+    flipped = toy_model()
+    flipped.layers[0].params["W"] *= -1               # same norms: only the random projection tells
+    for model, key in [(other_seed, "param.0.W"), (identity, "param.0.W"), (flipped, "param.0.W")]:
+        with pytest.raises(ValueError, match=rf"toy.npz was trained from another starting point .*\({key}: "
+                                             r".*delete it and toy.json"):
+            R.train_or_load(tmp_path, "toy", **asked(model))
+    nudged = toy_model()                              # last-bit differences (another machine, thread count)
+    nudged.layers[0].params["W"] *= np.float32(1 + 1e-6)
+    R.train_or_load(tmp_path, "toy", **asked(nudged))
+    # A frozen layer computed from data (a whitening stem) may flip its filters' signs on
+    # another machine: only its norms count; a trained layer's sign flip does not pass.
+    frozen = toy_model()
+    frozen.layers[0].trainable = False
+    R.train_or_load(tmp_path, "frozen", **asked(frozen))
+    frozen_flipped = toy_model()
+    frozen_flipped.layers[0].trainable = False
+    frozen_flipped.layers[0].params["W"] *= -1
+    R.train_or_load(tmp_path, "frozen", **asked(frozen_flipped))
+    frozen_flipped.layers[0].params["W"] *= 2
+    with pytest.raises(ValueError, match=r"another starting point .*\(param.0.W: "):
+        R.train_or_load(tmp_path, "frozen", **asked(frozen_flipped))
+    # Runs saved before starts were recorded load as before.
+    history = json.loads((tmp_path / "toy.json").read_text())
+    del history["start"]
+    (tmp_path / "toy.json").write_text(json.dumps(history))
+    R.train_or_load(tmp_path, "toy", **asked(other_seed))
+
+
 def test_train_or_load_checks_the_epochs_of_a_run_saved_without_settings(tmp_path):
     data = toy_data()
     R.train_or_load(tmp_path, "old", toy_model(), data, T.Adam(1e-2), 1, batch_size=8)
