@@ -324,6 +324,11 @@ def _start_change(saved, asked):
     return None
 
 
+def _same_parameters(a, b):
+    """Whether two networks of the same parameter shapes hold exactly the same values."""
+    return all(np.array_equal(p, q) for (_, p, _), (_, q, _) in zip(a.parameters(), b.parameters()))
+
+
 def _settings_changes(saved, asked):
     """Human-readable differences between two ``run_settings`` dicts. A function saved
     by its name alone (runs saved before functions carried their settings) matches
@@ -380,10 +385,12 @@ def train_or_load(runs, name, model, data, optimizer, epochs, progress=False, **
         history = json.loads(history_path.read_text())
         saved_start = history.pop("start", None)         # None: saved before starts were recorded
         moved = saved_start is not None and _start_change(saved_start, start_summary(model))
-        if moved:
+        # The run's own model, trained in place by an earlier call and passed again, is no other start.
+        if moved and not _same_parameters(model, saved):
             raise ValueError(f"{model_path} was trained from another starting point than the network asked for "
                              f"({moved}: other initial values, e.g. another initialisation seed, identity_init "
-                             f"or whitening images); delete it and {history_path.name} to train again")
+                             f"or whitening images); pass a freshly built network, or delete it and "
+                             f"{history_path.name} to train again")
         saved_settings = history.pop("settings", {"epochs": len(history["val_acc"])})
         changes = _settings_changes(saved_settings, {k: settings.get(k) for k in saved_settings}
                                     if "optimizer" not in saved_settings else settings)

@@ -185,7 +185,8 @@ def test_train_or_load_refuses_a_saved_run_that_started_from_other_initial_value
     data = toy_data()
     def asked(model):
         return dict(model=model, data=data, optimizer=T.Adam(1e-2), epochs=1, batch_size=8)
-    R.train_or_load(tmp_path, "toy", **asked(toy_model()))
+    trained, _ = R.train_or_load(tmp_path, "toy", **asked(toy_model()))
+    R.train_or_load(tmp_path, "toy", **asked(trained))  # the run's own model, passed again (a cell run twice)
     other_seed = toy_model()
     other_seed.initialize(1)                          # same layers, shapes and settings; other weights
     identity = toy_model()
@@ -194,7 +195,7 @@ def test_train_or_load_refuses_a_saved_run_that_started_from_other_initial_value
     flipped.layers[0].params["W"] *= -1               # same norms: only the random projection tells
     for model, key in [(other_seed, "param.0.W"), (identity, "param.0.W"), (flipped, "param.0.W")]:
         with pytest.raises(ValueError, match=rf"toy.npz was trained from another starting point .*\({key}: "
-                                             r".*delete it and toy.json"):
+                                             r".*pass a freshly built network, or delete it and toy.json"):
             R.train_or_load(tmp_path, "toy", **asked(model))
     nudged = toy_model()                              # last-bit differences (another machine, thread count)
     nudged.layers[0].params["W"] *= np.float32(1 + 1e-6)
