@@ -78,7 +78,8 @@ NETWORKS = {
                         Epoch(55_000, "T.SGD(0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)",
                               "T.augmentation(crop=2)", {"seconds": 300 / 10}, batch=128,
                               fit="dict(ema=0.998, label_smoothing=0.1)")),
-    "cifar": Network("CIFAR network (notebook 4: 3 blocks of 2 x conv-BN-ReLU, 32/64/128 channels)", CIFAR,
+    "cifar": Network("CIFAR network of the speed issue (notebook 4's until 2026-11-25: 3 blocks of 2 x conv-BN-ReLU, "
+                     "32/64/128 channels)", CIFAR,
                      (3, 32, 32), {"training_fraction_of_gemm": 0.45, "inference_fraction_of_gemm": 0.45},
                      Epoch(45_000, CIFAR_SGD, "T.augmentation(crop=4, flip=True)",
                            {"seconds": 60.0, "peak_rss_mb": 2000.0})),
