@@ -711,6 +711,8 @@ def save_results_task(runs, task_id, dataset, model, results, seeds):
 BONUS_TASKS = {"2-D CNN": "cifar10-cnn", "row sequence (Conv1D)": "cifar10-rows",
                "row sequence (GRU)": "cifar10-rows-gru", "MLP on pixels": "cifar10-mlp",
                "MNIST rows (GRU)": "mnist-rows-gru"}
+# The summary's CIFAR-10 comparison: the bonus models on CIFAR-10, in that order.
+CIFAR_VIEWS = tuple(name for name, task in BONUS_TASKS.items() if task.startswith("cifar10"))
 # What a bonus results file keeps of each Result: enough for the summary's table and curves.
 BONUS_FIELDS = ("name", "params", "epochs", "seconds", "curve", "train_seconds", "accuracy")
 
@@ -733,7 +735,7 @@ def save_bonus_results(runs, filename, results, source, class_names):
     F.save_json(Path(runs) / filename, bonus)
     cifar = "CIFAR-10 (JPEG copy)" if "JPEG" in source else "CIFAR-10"
     for name, r in results.items():
-        dataset = "MNIST" if BONUS_TASKS[name].startswith("mnist") else cifar
+        dataset = cifar if name in CIFAR_VIEWS else "MNIST"
         save_results_task(runs, BONUS_TASKS[name], dataset, r.name, [r], seeds=[0])   # one seed each: the report says so
     return bonus
 
@@ -742,10 +744,10 @@ def bonus_models(*records):
     """The models that ``save_bonus_results`` files hold (``records``: their dicts as
     ``read_results`` returns them, None for a file not written yet) as ``Result``
     records, as far as ``BONUS_FIELDS`` keeps them (no report, probabilities or TTA),
-    {name: Result} in ``BONUS_TASKS``'s order, without the MNIST row GRU: the
-    summary's CIFAR-10 comparison."""
+    {name: Result} for the ``CIFAR_VIEWS`` among them, in that order: the summary's
+    CIFAR-10 comparison."""
     models = {n: m for record in records if record for n, m in record["models"].items()}
-    return {n: Result(**models[n]) for n in BONUS_TASKS if n in models and not BONUS_TASKS[n].startswith("mnist")}
+    return {n: Result(**models[n]) for n in CIFAR_VIEWS if n in models}
 
 
 def write_report_json(runs, path):
