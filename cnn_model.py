@@ -13,7 +13,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from cnn_core import DEFAULT_DTYPE, softmax
 from cnn_files import save_npz
 from cnn_layers import (GELU, LAYER_TYPES, Activation, BatchNorm, Conv1D, Conv2D, Dense, Dropout, Flatten,
-                        Layer, LeakyReLU, MaxPool1D, MaxPool2D, ParamLayer, ReLU, _check_impl)
+                        Layer, LeakyReLU, MaxPool1D, MaxPool2D, ParamLayer, ReLU, Scale, _check_impl)
 from cnn_layers import RowsToSequence
 from cnn_rnn import GRU, StepDense    # importing cnn_rnn registers its layers: saved GRU models load
 
@@ -591,7 +591,8 @@ def identity_filters(conv):
 
 
 def cifar_net(widths=(64, 128, 256), whiten=None, num_classes=10, input_size=32, in_channels=3, seed=0,
-              eps=5e-4, identity=False, activation="relu", impl="vectorized", dtype=DEFAULT_DTYPE):
+              eps=5e-4, identity=False, activation="relu", init="he", logit_scale=None, impl="vectorized",
+              dtype=DEFAULT_DTYPE):
     """The fast CIFAR-10 network (after Page's and Jordan's airbench):
 
     stem: 2x2 conv C -> 8C (padding 0) -> ReLU; then for each width w of ``widths``:
@@ -603,7 +604,10 @@ def cifar_net(widths=(64, 128, 256), whiten=None, num_classes=10, input_size=32,
     of training images (N, C, H, W) for ``whitening_conv(whiten, 2, eps)``, a
     frozen stem with the same shape. ``identity``: ``identity_filters`` on every
     3x3 convolution after the He start. ``activation``: "relu" or "gelu" (airbench's) after
-    every BatchNorm and the stem. x: (N, in_channels, input_size, input_size)
+    every BatchNorm and the stem. ``init``: "he" (He normal, Glorot for the last layer) or
+    "uniform" (every trained weight U(+-1/sqrt(fan_in)), PyTorch's default, which airbench's
+    settings were tuned with). ``logit_scale``: None, or a number s that multiplies the
+    logits (a last ``Scale(s)`` layer; airbench uses 1/9). x: (N, in_channels, input_size, input_size)
     floats or uint8; any size works as long as each pool has at least one pixel
     (the remaining size is computed: 32 -> 31 -> 15 -> 7 -> 3 -> 1).
     """
@@ -620,6 +624,8 @@ def cifar_net(widths=(64, 128, 256), whiten=None, num_classes=10, input_size=32,
     if activation not in activations:
         raise ValueError(f"{where}: activation must be one of {sorted(activations)}, got {activation!r}")
     act = activations[activation]
+    if init not in ("he", "uniform"):
+        raise ValueError(f"{where}: init must be 'he' or 'uniform', got {init!r}")
     if whiten is None:
         stem = Conv2D(in_channels, 8 * in_channels, 2, padding=0, impl=impl, dtype=dtype)
     else:
@@ -639,7 +645,14 @@ def cifar_net(widths=(64, 128, 256), whiten=None, num_classes=10, input_size=32,
                              f"(each halves the size after the 2x2 stem); use fewer widths or larger images")
         c = w
     layers += [MaxPool2D(size, impl=impl), Flatten(), Dense(c, num_classes, impl=impl, dtype=dtype)]
+    if logit_scale is not None:
+        layers.append(Scale(logit_scale, impl=impl))
     model = Sequential(layers, seed=seed)
+    if init == "uniform":
+        rng = np.random.default_rng([seed, 1])
+        for layer in model.layers:
+            if isinstance(layer, (Conv2D, Dense)) and layer.trainable:
+                layer.initialize(rng, "uniform")
     if identity:
         for layer in model.layers[2:]:                  # not the 2x2 stem
             if isinstance(layer, Conv2D):

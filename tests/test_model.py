@@ -424,6 +424,60 @@ def test_gelu_gradient(impl):
     assert max(errors.values()) < TOLERANCE, errors
 
 
+# ---------------------------------------------------------------- Scale, uniform init
+
+def test_scale_layer_loop_and_vectorized_agree_and_scale():
+    x = np.random.default_rng(0).standard_normal((3, 4))
+    fast, slow = L.Scale(1 / 9), L.Scale(1 / 9, impl="loop")
+    np.testing.assert_allclose(fast.forward(x), x / 9, rtol=1e-15)
+    np.testing.assert_array_equal(slow.forward(x), fast.forward(x))
+    dout = np.random.default_rng(1).standard_normal(x.shape)
+    np.testing.assert_allclose(fast.backward(dout), dout / 9, rtol=1e-15)
+    np.testing.assert_array_equal(slow.backward(dout), fast.backward(dout))
+    assert fast.forward(x.astype(np.float32)).dtype == np.float32
+    for bad in (0, float("nan"), "1/9", True):
+        with pytest.raises(ValueError, match="Scale: s must be a finite non-zero number"):
+            L.Scale(bad)
+
+
+@pytest.mark.parametrize("impl", L.IMPLS)
+def test_scale_gradient(impl):
+    model = M.Sequential([L.Dense(5, 3, dtype=F64), L.Scale(-0.3, impl=impl)], seed=3)
+    x, y = np.random.default_rng(4).standard_normal((4, 5)), np.array([0, 2, 1, 1])
+    errors = G.gradient_errors(model, x, y)
+    assert max(errors.values()) < TOLERANCE, errors
+
+
+def test_uniform_init_has_pytorchs_limit():
+    conv = L.Conv2D(16, 8, 3, seed=0)
+    conv.initialize(np.random.default_rng(0), "uniform")
+    W, limit = conv.params["W"], 1 / np.sqrt(16 * 9)
+    assert np.abs(W).max() <= limit and np.abs(W).max() > 0.95 * limit
+    assert abs(W.std() - limit / np.sqrt(3)) < 0.05 * limit
+    with pytest.raises(ValueError, match="'he', 'glorot' or 'uniform'"):
+        conv.initialize(np.random.default_rng(0), "torch")
+
+
+def test_cifar_net_uniform_start_and_logit_scale():
+    images = np.random.default_rng(1).integers(0, 256, (20, 3, 32, 32), dtype=np.uint8)
+    he = M.cifar_net((4, 8), whiten=images, seed=0)
+    small = M.cifar_net((4, 8), whiten=images, seed=0, init="uniform", logit_scale=1 / 9)
+    assert isinstance(small.layers[-1], L.Scale) and small.layers[-1].s == 1 / 9
+    assert not any(isinstance(layer, L.Scale) for layer in he.layers)
+    np.testing.assert_array_equal(small.layers[0].params["W"], he.layers[0].params["W"])   # the frozen stem
+    for a, b in zip(he.layers, small.layers):
+        if isinstance(a, (L.Conv2D, L.Dense)) and a.trainable:
+            limit = 1 / np.sqrt(a.fan_in)
+            assert np.abs(b.params["W"]).max() <= limit < np.abs(a.params["W"]).max()
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    assert small.forward(x, training=False).shape == (2, 10)
+    again = M.cifar_net((4, 8), whiten=images, seed=0, init="uniform", logit_scale=1 / 9)
+    for (_, a, _), (_, b, _) in zip(small.parameters(), again.parameters()):
+        np.testing.assert_array_equal(a, b)                                     # seeded
+    with pytest.raises(ValueError, match="init must be 'he' or 'uniform'"):
+        M.cifar_net((4, 8), init="torch")
+
+
 def test_mnist_net_v2_blocks_pool_before_normalising():
     model = M.mnist_net_v2(seed=0)
     assert model.forward(np.zeros((2, 1, 28, 28), np.float32)).shape == (2, 10)

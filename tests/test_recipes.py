@@ -186,11 +186,17 @@ def test_cifar_ablation_is_notebook_3s_variants_in_order():
 def test_cifar_recipe_options_from_airbench_reach_the_model_and_the_saved_settings():
     import cnn_report as R
     x = np.random.default_rng(0).integers(0, 256, (24, 3, 16, 16), dtype=np.uint8)
-    model, optimizer, kwargs = Q.cifar_recipe(x, seed=0, widths=(8, 16), whiten_images=20)
+    model, optimizer, kwargs = Q.cifar_recipe(x, seed=0, widths=(8, 16), whiten_images=20, bn_shift_lr=1,
+                                              init="he", logit_scale=None)
     assert optimizer.lr_scale == {} and "lr_scale" not in R.run_settings(optimizer, 1, {})["optimizer"]
-    model, optimizer, kwargs = Q.cifar_recipe(x, seed=0, widths=(8, 16), whiten_images=20, bn_shift_lr=64,
-                                              identity_init=True)
-    assert R.run_settings(optimizer, 1, {})["optimizer"]["lr_scale"] == {"beta": 64.0}
+    assert isinstance(model.layers[-1], L.Dense)
+    he_conv = model.layers[2].params["W"]
+    model, optimizer, kwargs = Q.cifar_recipe(x, seed=0, widths=(8, 16), whiten_images=20)
+    assert R.run_settings(optimizer, 1, {})["optimizer"]["lr_scale"] == {"beta": 64.0}    # the recipe's
+    assert isinstance(model.layers[-1], L.Scale) and model.layers[-1].s == Q.CIFAR_RECIPE["logit_scale"]
+    first = model.layers[2].params["W"]           # the first 3x3 convolution, 24 -> 8: the uniform start
+    assert np.abs(first).max() <= 1 / np.sqrt(24 * 9) < np.abs(he_conv).max()
+    model, optimizer, kwargs = Q.cifar_recipe(x, seed=0, widths=(8, 16), whiten_images=20, identity_init=True)
     second = model.layers[6].params["W"]          # the block's second 3x3 convolution, 8 -> 8
     assert isinstance(model.layers[6], L.Conv2D) and np.array_equal(second[:, :, 1, 1], np.eye(8))
     _, optimizer, _ = Q.mnist_recipe(bn_shift_lr=8)

@@ -28,7 +28,7 @@ Output on stderr (warnings) is printed in the build log, never put in the PDF;
 an error in a cell still stops the build.
 
 On two or more cores the notebooks run in two lanes side by side (``stages``):
-the 2-D CIFAR-10 and Fashion-MNIST notebooks (``OWN_LANE``), which need no other
+the two CIFAR-10 notebooks (``OWN_LANE``), which need no other
 notebook's runs, in one, the others in order in the other, the summary after both; each kernel gets half the cores for
 OpenBLAS (``--lanes 1``: one after the other, with every core).
 """
@@ -93,18 +93,13 @@ def stop(client):
 
 # The notebooks that need no other notebook's runs and so can run beside the rest
 # (notebook 02 reads 01's model; the summary, the last notebook, reads every result),
-# chosen so that the two lanes take about as long: the 2-D CIFAR-10 notebook (about 50
-# minutes from scratch) and Fashion-MNIST (5) in one, the MNIST chapters (01-03, about
-# 45) and the CIFAR-10 rows (07, about 15) in the other. Until 2026-11-27 the rows models
-# were part of notebook 04, whose lane alone then took 64 minutes, the other 50.
-# On two cores, each kernel with one OpenBLAS thread, each lane runs 1.25-1.35 times
-# slower than alone with two threads, but the two together do about 1.5 times the
-# work: the convolutions' products are too small to keep two threads busy, and the
-# rest of a step runs on one core anyway. Measured on 2026-11-26: CIFAR-10 epochs
-# 217-240 s against 155-180 s in the one-lane build of the same morning, MNIST epochs
-# 59-69 s against 47-54 s; the whole build 52 minutes instead of 81. Two kernels with
-# two threads each (four threads on two cores) made a CIFAR-10 step 2-8 times slower.
-OWN_LANE = ("04_cifar10", "06_fashion_mnist")
+# chosen so that the two lanes take about as long: the two CIFAR-10 notebooks (the 2-D
+# CNN, about 37 minutes from scratch, and the rows, about 14) in one, the MNIST chapters
+# (01-03, about 44), the image folders and Fashion-MNIST (5) in the other. Until
+# 2026-11-27 the rows models were part of notebook 04, whose lane alone then took 64
+# minutes, the other 50; from then until the CIFAR-10 recipe's 7 epochs Fashion-MNIST
+# ran beside notebook 04 instead of the rows.
+OWN_LANE = ("04_cifar10", "07_cifar10_rows")
 
 
 def cores():
