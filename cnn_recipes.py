@@ -75,7 +75,10 @@ MNIST_RECIPE = dict(
 # by side with one OpenBLAS thread each): 7 epochs 86.80 %, with the TTA 87.74 %, in 29.9 minutes (242-265 s
 # an epoch), as much as the earlier recipe's 10 epochs (86.72 %, with the TTA 87.74-87.94 %, in 37-42
 # minutes), whose first 7 epochs of an 8-epoch schedule had reached 84.70 %. The same with identity filters
-# (``identity_init=True``): 86.68 %, with the TTA 87.58 %: not adopted.
+# (``identity_init=True``): 86.68 %, with the TTA 87.58 %; with lr 0.28: 86.46 %, with the TTA 87.12 %; with
+# airbench's lookahead (every 5 steps the weights pulled towards a slow copy, at a strength growing with the
+# cube of the progress, instead of the weight average) and BatchNorm scales held at 1: 86.44 %, with the TTA
+# 87.82 % (the three in 29.6-29.9 minutes; one seed each, within its noise): none adopted.
 # Until then (the report's runs until 2026-11-27): lr 0.1, momentum 0.9, weight decay 5e-4, He start,
 # 10 epochs: 87.74 % validation accuracy with the ten-view TTA (86.18 % without) in the run that
 # chose them; 87.34 % test in the report's run, 212-268 s an epoch beside the other lane (37.4 minutes in the
