@@ -458,7 +458,7 @@ def test_uniform_init_has_pytorchs_limit():
         conv.initialize(np.random.default_rng(0), "torch")
 
 
-def test_cifar_net_uniform_start_and_logit_scale():
+def test_cifar_net_uniform_start_and_logit_scale(tmp_path):
     images = np.random.default_rng(1).integers(0, 256, (20, 3, 32, 32), dtype=np.uint8)
     he = M.cifar_net((4, 8), whiten=images, seed=0)
     small = M.cifar_net((4, 8), whiten=images, seed=0, init="uniform", logit_scale=1 / 9)
@@ -474,6 +474,10 @@ def test_cifar_net_uniform_start_and_logit_scale():
     again = M.cifar_net((4, 8), whiten=images, seed=0, init="uniform", logit_scale=1 / 9)
     for (_, a, _), (_, b, _) in zip(small.parameters(), again.parameters()):
         np.testing.assert_array_equal(a, b)                                     # seeded
+    small.save(tmp_path / "net.npz")                                           # the Scale layer saves and loads
+    loaded = M.Sequential.load(tmp_path / "net.npz")
+    assert repr(loaded.layers[-1]) == "Scale(s=0.1111111111111111, impl='vectorized')"
+    np.testing.assert_array_equal(loaded.forward(x, training=False), small.forward(x, training=False))
     with pytest.raises(ValueError, match="init must be 'he' or 'uniform'"):
         M.cifar_net((4, 8), init="torch")
 
