@@ -603,7 +603,7 @@ def cifar_net(widths=(64, 128, 256), whiten=None, num_classes=10, input_size=32,
     ``whiten``: None for a stem trained from a random (He) start, or a sample
     of training images (N, C, H, W) for ``whitening_conv(whiten, 2, eps)``, a
     frozen stem with the same shape. ``identity``: ``identity_filters`` on every
-    3x3 convolution after the He start. ``activation``: "relu" or "gelu" (airbench's) after
+    3x3 convolution after the random start. ``activation``: "relu" or "gelu" (airbench's) after
     every BatchNorm and the stem. ``init``: "he" (He normal, Glorot for the last layer) or
     "uniform" (every trained weight U(+-1/sqrt(fan_in)), PyTorch's default, which airbench's
     settings were tuned with). ``logit_scale``: None, or a number s that multiplies the
