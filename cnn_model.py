@@ -624,8 +624,7 @@ def cifar_net(widths=(64, 128, 256), whiten=None, num_classes=10, input_size=32,
     if activation not in activations:
         raise ValueError(f"{where}: activation must be one of {sorted(activations)}, got {activation!r}")
     act = activations[activation]
-    if init not in ("he", "uniform"):
-        raise ValueError(f"{where}: init must be 'he' or 'uniform', got {init!r}")
+    _check_init(where, init)
     if whiten is None:
         stem = Conv2D(in_channels, 8 * in_channels, 2, padding=0, impl=impl, dtype=dtype)
     else:
@@ -645,14 +644,7 @@ def cifar_net(widths=(64, 128, 256), whiten=None, num_classes=10, input_size=32,
                              f"(each halves the size after the 2x2 stem); use fewer widths or larger images")
         c = w
     layers += [MaxPool2D(size, impl=impl), Flatten(), Dense(c, num_classes, impl=impl, dtype=dtype)]
-    if logit_scale is not None:
-        layers.append(Scale(logit_scale, impl=impl))
-    model = Sequential(layers, seed=seed)
-    if init == "uniform":
-        rng = np.random.default_rng([seed, 1])
-        for layer in model.layers:
-            if isinstance(layer, (Conv2D, Dense)) and layer.trainable:
-                layer.initialize(rng, "uniform")
+    model = _airbench_start(layers, seed, init, logit_scale, impl)
     if identity:
         for layer in model.layers[2:]:                  # not the 2x2 stem
             if isinstance(layer, Conv2D):
@@ -660,16 +652,39 @@ def cifar_net(widths=(64, 128, 256), whiten=None, num_classes=10, input_size=32,
     return model
 
 
-def cifar_rows_conv1d(seed=0, dropout=0.1):
+def cifar_rows_conv1d(seed=0, dropout=0.1, init="he", logit_scale=None):
     """CIFAR-10 read as a sequence of its 32 rows by 1-D convolutions (notebook 7's
     row-sequence model): RowsToSequence turns x (N, 3, 32, 32) into (N, 96, 32),
     the 96 values of a row (32 pixels x RGB, interleaved) as channels; then
     ``conv_net`` with ``dims=1``: two blocks of 2 x (Conv1D k=3 -> BatchNorm -> ReLU)
     with 128 and 256 channels, each ending in MaxPool1D 2 (32 -> 16 -> 8 rows),
-    Flatten (N, 2048) -> Dropout ``dropout`` -> Dense to 10 logits."""
+    Flatten (N, 2048) -> Dropout ``dropout`` -> Dense to 10 logits.
+    ``init`` and ``logit_scale``: as in ``cifar_net``."""
+    _check_init("cifar_rows_conv1d", init)
     rows = conv_net(in_channels=96, input_size=32, channels=(128, 256), convs_per_block=2, batchnorm=True,
                     hidden=0, dropout=dropout, dims=1, seed=seed)
-    return Sequential([RowsToSequence()] + rows.layers, seed=seed)
+    return _airbench_start([RowsToSequence()] + rows.layers, seed, init, logit_scale)
+
+
+def _check_init(where, init):
+    if init not in ("he", "uniform"):
+        raise ValueError(f"{where}: init must be 'he' or 'uniform', got {init!r}")
+
+
+def _airbench_start(layers, seed, init, logit_scale, impl="vectorized"):
+    """Sequential(layers, seed), with a last ``Scale(logit_scale)`` unless it is None;
+    ``init="uniform"`` then redraws every trainable convolution's and Dense layer's
+    weights U(+-1/sqrt(fan_in)) (PyTorch's default, airbench's start) from the rng
+    [seed, 1], in layer order ("he": the weights as built)."""
+    if logit_scale is not None:
+        layers = layers + [Scale(logit_scale, impl=impl)]
+    model = Sequential(layers, seed=seed)
+    if init == "uniform":
+        rng = np.random.default_rng([seed, 1])
+        for layer in model.layers:
+            if isinstance(layer, (Conv2D, Conv1D, Dense)) and layer.trainable:
+                layer.initialize(rng, "uniform")
+    return model
 
 
 def mlp(in_features=3 * 32 * 32, hidden=512, dropout=0.3, num_classes=10, seed=0):

@@ -41,8 +41,11 @@ from cnn_train import SGD, Adam, augmentation, cosine_schedule, warmup_linear_sc
 # runs side by side with one OpenBLAS thread each) 99.56 / 99.56 / 99.34 % (with the shift TTA 99.48 /
 # 99.54 / 99.44 %), 287 / 289 / 255 s of training, against 8 epochs' 99.50 / 99.50 / 99.32 % (TTA 99.50 /
 # 99.52 / 99.42 %) below: the same mean with the TTA (99.49 against 99.48 %), 0.05 points more without it,
-# and 9 epochs in between (99.47 %, TTA 99.50 %); the budget of five minutes fits 10. Test, scored once in
-# the report's build: 99.57 / 99.58 / 99.53 % (99.56 % +- 0.03), 269-282 s of training per run.
+# and 9 epochs in between (99.47 %, TTA 99.50 %). Test, scored once in the report's builds of 2026-11-26 and
+# 2026-11-27: 99.57 / 99.58 / 99.53 % (99.56 % +- 0.03), but 286 / 312 / 302 s of training per run in the
+# second (a slower night, beside the other lane): over the five minutes. Since 2026-11-27 (session 15)
+# 9 epochs, whose validation accuracy with the TTA is the same as 10's (99.50 against 99.49 % over the
+# three seeds) for 10 % less time.
 # Until then 8 epochs. Validation runs (2026-11-26, seeds
 # 0 / 1 / 2, two runs side by side with one BLAS thread each, as in the report build): 99.50 /
 # 99.50 / 99.32 % (with the shift TTA 99.50 / 99.52 / 99.42 %), 227-234 s of training; widths
@@ -58,7 +61,7 @@ from cnn_train import SGD, Adam, augmentation, cosine_schedule, warmup_linear_sc
 # (``rotate=10, zoom=0.1``) 99.36 / 99.44 / 99.38 % (TTA 99.46 / 99.44 / 99.52 %; 198-207 s): both within
 # the seed-to-seed spread of the recipe's own runs.
 MNIST_RECIPE = dict(
-    epochs=10, batch_size=128,
+    epochs=9, batch_size=128,
     lr=0.05, momentum=0.9, weight_decay=5e-4,      # SGD with Nesterov momentum
     warmup=0.2,                                     # warmup_linear_schedule: 20 % up, then down to 0
     label_smoothing=0.1, ema=0.998,                 # smoothed targets; an average of the weights
@@ -135,18 +138,25 @@ MNIST_ROWS_GRU_RECIPE = {**ROWS_GRU_RECIPE, "epochs": 3}     # MNIST's 28 short 
 # 0.1 with EMA on seeds 0 / 1 / 2: 74.84 / 74.22 / 74.26 % (with the ten-view TTA 75.80 / 75.06 / 75.28 %)
 # against the recipe's 74.16 / 73.16 / 75.16 % (75.06 / 74.20 / 75.70 %): +0.4 points on average, seed 2
 # the other way; not adopted.
-# Tried 2026-11-27 (seed 0, validation only, two runs side by side, one OpenBLAS thread each), not yet
-# adopted (the report's build had run): the CIFAR-10 recipe's airbench settings on this model (uniform start,
+# Tried 2026-11-27 (seed 0, validation only, two runs side by side, one OpenBLAS thread each): the CIFAR-10 recipe's airbench settings on this model (uniform start,
 # logits x 1/9, Nesterov momentum 0.85, weight decay 1.33e-3, BatchNorm shifts at 64x, label smoothing 0.2,
 # EMA 0.998, 20 % warm-up then linear decay), 18 epochs: batch 64 at lr 0.094 75.48 %, with the TTA 76.40 %
 # (11.7 minutes); batch 128 at lr 0.1875 75.86 %, with the TTA 76.42 % (11.1 minutes), against this
-# recipe's 74.16 % (75.06 %).
+# recipe's 74.16 % (75.06 %). Adopted on 2026-11-27 (session 15) with 15 epochs, the most that fit the
+# 10-minute budget at the 38 s an epoch of the report's build: 74.84 %, with the TTA 75.58 %, in 8.7
+# minutes (32-38 s an epoch, beside another one-thread job). Until then: 18 epochs at batch 64, lr 0.05,
+# momentum 0.9, weight decay 5e-4, cosine decay per epoch to 1e-4, He start, no label smoothing or
+# averaging (74.16 %, 75.06 % with the TTA; 75.29 % test with the TTA after 11.5 minutes of training in the
+# report's build of 2026-11-27).
 ROWS_CONV1D_RECIPE = dict(
-    epochs=18, batch_size=64,
-    lr=0.05, momentum=0.9, weight_decay=5e-4,      # SGD with Nesterov momentum
-    lr_min=1e-4,                                    # cosine decay per epoch
+    epochs=15, batch_size=128,
+    lr=0.1875, momentum=0.85, weight_decay=1.33e-3,  # SGD with Nesterov momentum: CIFAR_RECIPE's values
+    warmup=0.2,                                     # warmup_linear_schedule: 20 % up, then down to 0
+    label_smoothing=0.2, ema=0.998,                 # smoothed targets; an average of the weights
     shift=2, flip=True,                             # random 2-pixel shifts and mirror images
     dropout=0.1,                                    # before the last layer
+    bn_shift_lr=64,                                 # BatchNorm shifts (beta) at this many times lr
+    init="uniform", logit_scale=1 / 9,              # M.cifar_rows_conv1d's start and scaling of the logits
 )
 
 MLP_RECIPE = dict(
@@ -264,13 +274,15 @@ def mnist_rows_gru_recipe(seed=0, **changes):
 
 
 def rows_conv1d_recipe(seed=0, **changes):
-    """``M.cifar_rows_conv1d(seed, dropout)`` (CIFAR-10 x (N, 3, 32, 32) read as 32
-    rows) trained by ``SGD`` with Nesterov momentum and weight decay, cosine decay
-    per epoch, random shifts and flips: (model, optimizer, fit_kwargs) with
-    ``ROWS_CONV1D_RECIPE``'s values."""
+    """``M.cifar_rows_conv1d`` (CIFAR-10 x (N, 3, 32, 32) read as 32 rows) trained
+    like the CIFAR-10 recipe: ``SGD`` with Nesterov momentum and weight decay, a
+    per-step ``warmup_linear_schedule``, label smoothing, weight averaging, random
+    shifts and flips: (model, optimizer, fit_kwargs) with ``ROWS_CONV1D_RECIPE``'s values."""
     r = _settings("rows_conv1d_recipe", ROWS_CONV1D_RECIPE, changes)
-    kwargs = _fit_kwargs(r, seed, "cosine", augment=augmentation(crop=r["shift"], flip=r["flip"]))
-    return cifar_rows_conv1d(seed=seed, dropout=r["dropout"]), _nesterov(r), kwargs
+    kwargs = _fit_kwargs(r, seed, "warmup", augment=augmentation(crop=r["shift"], flip=r["flip"]),
+                         label_smoothing=r["label_smoothing"], ema=r["ema"] or None)
+    model = cifar_rows_conv1d(seed=seed, dropout=r["dropout"], init=r["init"], logit_scale=r["logit_scale"])
+    return model, _nesterov(r, _shift_lr(r)), kwargs
 
 
 def mlp_recipe(seed=0, **changes):

@@ -508,6 +508,23 @@ def test_cifar_rows_conv1d_is_notebook_7s_row_sequence_network():
     assert not np.array_equal(other_seed.layers[1].params["W"], built.layers[1].params["W"])
 
 
+def test_cifar_rows_conv1d_uniform_start_and_logit_scale():
+    he, uniform = M.cifar_rows_conv1d(seed=0), M.cifar_rows_conv1d(seed=0, init="uniform", logit_scale=0.5)
+    assert isinstance(uniform.layers[-1], L.Scale) and uniform.layers[-1].s == 0.5
+    assert [layer.label() for layer in uniform.layers[:-1]] == [layer.label() for layer in he.layers]
+    weighted = [layer for layer in uniform.layers if isinstance(layer, (L.Conv1D, L.Dense))]
+    assert len(weighted) == 5
+    for layer in weighted:          # uniform within PyTorch's limit, not He's wider normal
+        limit, W = 1 / np.sqrt(layer.fan_in), layer.params["W"]
+        assert 0.9 * limit < np.abs(W).max() <= limit
+    x = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
+    scaled = uniform.forward(x, training=False)
+    uniform.layers.pop()
+    assert np.allclose(scaled, 0.5 * uniform.forward(x, training=False), rtol=1e-6)
+    with pytest.raises(ValueError, match="cifar_rows_conv1d: init must be 'he' or 'uniform'"):
+        M.cifar_rows_conv1d(init="glorot")
+
+
 def test_mlp_is_notebook_4s_pixel_perceptron():
     """The builder gives the MLP notebook 4 built inline (same layers, same initial
     weights and dropout stream), so the saved run "cifar_mlp" stays valid."""
