@@ -616,6 +616,9 @@ def test_target_verdict_says_met_or_not_met_with_the_target_in_percent():
     assert R.target_verdict(0.9955, 0.9955) == "target 99.55 %: **met**"
     assert R.target_verdict(0.8999, 0.90) == "target 90 %: **not met**"
     assert R.target_verdict(0.56, 0.55) == "target 55 %: **met**"
+    tie = np.mean([0.9951, 0.9962, 0.9952])             # 29,865 of 30,000: 99.55 % exactly, 0.99549999... as a float
+    assert tie < 0.9955 and R.target_verdict(tie, 0.9955) == "target 99.55 %: **met**"
+    assert R.target_verdict(0.99549, 0.9955) == "target 99.55 %: **not met**"   # 0.3 of a test image short
 
 
 def _seed_results():
