@@ -412,8 +412,8 @@ def mnist_net_v2(channels=(16, 32, 64), hidden=128, dropout=0.25, num_classes=10
 
     Pooling before the normalisation and the ReLU runs both on a quarter of the values, and
     the extra convolutions work on 7x7 and 3x3 maps. Widths 16/32/64 take half the time per
-    batch of 32/64/128 (the recipe's earlier widths), so the recipe trains 10 epochs instead
-    of 5 in the same five minutes (see ``cnn_recipes.MNIST_RECIPE``).
+    batch of 32/64/128 (the recipe's earlier widths), so the recipe trains 9 epochs instead
+    of 5 within the same five minutes (see ``cnn_recipes.MNIST_RECIPE``).
     """
     layers, c_in, size = [], 1, 28
     for i, c_out in enumerate(channels):

@@ -94,8 +94,8 @@ def stop(client):
 # The notebooks that need no other notebook's runs and so can run beside the rest
 # (notebook 02 reads 01's model; the summary, the last notebook, reads every result),
 # chosen so that the two lanes take about as long: the two CIFAR-10 notebooks (the 2-D
-# CNN, 40 minutes from scratch on 2026-11-27, and the rows, 16) in one, the MNIST chapters
-# (01-03, 49), the image folders and Fashion-MNIST (6) in the other: 55.5 and 54.8 minutes. Until
+# CNN, 39 minutes from scratch on 2026-11-27, and the rows, 13) in one, the MNIST chapters
+# (01-03, 47), the image folders and Fashion-MNIST (5) in the other: 51.7 and 51.8 minutes. Until
 # 2026-11-27 the rows models were part of notebook 04, whose lane alone then took 64
 # minutes, the other 50; from then until the CIFAR-10 recipe's 7 epochs Fashion-MNIST
 # ran beside notebook 04 instead of the rows.
