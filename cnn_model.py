@@ -659,7 +659,8 @@ def cifar_rows_conv1d(seed=0, dropout=0.1, init="he", logit_scale=None):
     ``conv_net`` with ``dims=1``: two blocks of 2 x (Conv1D k=3 -> BatchNorm -> ReLU)
     with 128 and 256 channels, each ending in MaxPool1D 2 (32 -> 16 -> 8 rows),
     Flatten (N, 2048) -> Dropout ``dropout`` -> Dense to 10 logits.
-    ``init`` and ``logit_scale``: as in ``cifar_net``."""
+    ``init`` and ``logit_scale``: as in ``cifar_net`` (the report's recipe,
+    ``cnn_recipes.rows_conv1d_recipe``, passes "uniform" and 1/9)."""
     _check_init("cifar_rows_conv1d", init)
     rows = conv_net(in_channels=96, input_size=32, channels=(128, 256), convs_per_block=2, batchnorm=True,
                     hidden=0, dropout=dropout, dims=1, seed=seed)

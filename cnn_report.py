@@ -506,9 +506,10 @@ def read_results(path, notebook):
 def target_verdict(value, target):
     """Whether a test accuracy ``value`` reaches ``target`` (both fractions), in
     bold: "target 99.55 %: **met**" or "target 90 %: **not met**". An accuracy is a
-    count over a test set (or a mean of such), so a value within 1e-9 below the
-    target is the target itself rounded: (0.9951 + 0.9962 + 0.9952) / 3 is
-    0.99549999... in floating point, 29,865 right of 30,000, exactly 99.55 %."""
+    count over a test set (or a mean of such), moving in steps of 1 / 30,000 or
+    more, so a value within 1e-9 below the target equals it up to floating-point
+    rounding: (0.9951 + 0.9962 + 0.9952) / 3 is 0.99549999... as a float, but
+    29,865 right of 30,000 is exactly 99.55 %."""
     return f"target {round(target * 100, 4):g} %: **{'met' if value >= target - 1e-9 else 'not met'}**"
 
 

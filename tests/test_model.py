@@ -493,8 +493,9 @@ def test_mnist_net_v2_blocks_pool_before_normalising():
 
 
 def test_cifar_rows_conv1d_is_notebook_7s_row_sequence_network():
-    """The builder gives the network notebook 4 (now 7) built inline (same layers, same
-    initial weights), so the saved run "cifar_rows" stays valid."""
+    """The builder's default (He start, no logit scale) is the network notebook 4 (now 7)
+    built inline (same layers, same initial weights): the start the recipe's uniform
+    redraw and Scale(1/9) are applied to (tests/test_recipes.py's _rows_validation_run)."""
     inline = M.Sequential([L.RowsToSequence()] + M.conv_net(
         in_channels=96, input_size=32, channels=(128, 256), convs_per_block=2, batchnorm=True,
         hidden=0, dropout=0.1, dims=1, seed=0).layers, seed=0)
@@ -509,6 +510,8 @@ def test_cifar_rows_conv1d_is_notebook_7s_row_sequence_network():
 
 
 def test_cifar_rows_conv1d_uniform_start_and_logit_scale():
+    """init="uniform" redraws all five weighted layers within PyTorch's limit, logit_scale
+    appends a Scale that multiplies the logits, and a bad init is refused by name."""
     he, uniform = M.cifar_rows_conv1d(seed=0), M.cifar_rows_conv1d(seed=0, init="uniform", logit_scale=0.5)
     assert isinstance(uniform.layers[-1], L.Scale) and uniform.layers[-1].s == 0.5
     assert [layer.label() for layer in uniform.layers[:-1]] == [layer.label() for layer in he.layers]
