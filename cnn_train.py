@@ -279,11 +279,19 @@ def _evaluate(model, x, y, batch_size, tta=None):
 # ---------------------------------------------------------------------------
 
 
-def random_crop(x, rng, padding):
-    """Shift each image by up to ``padding`` pixels: zero-pad, then cut a random
-    (H, W) window per image. x: (N, C, H, W) -> (N, C, H, W)."""
+PADDING_MODES = ("zeros", "reflect")
+
+
+def random_crop(x, rng, padding, mode="zeros"):
+    """Shift each image by up to ``padding`` pixels: pad, then cut a random (H, W)
+    window per image. x: (N, C, H, W) -> (N, C, H, W). ``mode``: "zeros" (the border
+    is 0, the mean of standardised images) or "reflect" (the image mirrored about its
+    edge rows and columns, as airbench pads: no flat border the test images lack)."""
     N, _, H, W = x.shape
-    xp = _pad(x, (padding, padding))
+    if mode == "reflect" and padding:
+        xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)), mode="reflect")
+    else:
+        xp = _pad(x, (padding, padding))
     windows = sliding_window_view(xp, (H, W), axis=(2, 3))           # (N, C, 2p+1, 2p+1, H, W)
     dy, dx = rng.integers(0, 2 * padding + 1, size=(2, N))
     return windows[np.arange(N), :, dy, dx]
@@ -347,11 +355,12 @@ def random_affine(x, rng, degrees, zoom):
     return affine(x, angle, rng.uniform(1 - zoom, 1 + zoom, len(x)))
 
 
-def augmentation(crop=0, flip=False, rotate=0, zoom=0):
+def augmentation(crop=0, flip=False, rotate=0, zoom=0, pad="zeros"):
     """An ``augment(x, rng)`` for ``fit``: random rotations of up to ``rotate``
     degrees and zooms by up to ``zoom`` (a fraction: 0.1 = 10 %) (``random_affine``),
-    then random shifts of up to ``crop`` pixels and, if ``flip``, random
-    horizontal mirroring (not for digits: a mirrored 2 is no 2)."""
+    then random shifts of up to ``crop`` pixels (the border filled as ``pad`` says,
+    ``random_crop``'s mode) and, if ``flip``, random horizontal mirroring (not for
+    digits: a mirrored 2 is no 2)."""
     if isinstance(crop, bool) or not isinstance(crop, (int, np.integer)) or crop < 0:
         raise ValueError(f"augmentation: crop (the largest shift, in pixels) must be an integer >= 0, got {crop!r}")
     if not isinstance(flip, (bool, np.bool_)):
@@ -359,16 +368,23 @@ def augmentation(crop=0, flip=False, rotate=0, zoom=0):
     crop, flip = int(crop), bool(flip)
     rotate = _check_number("augmentation", "rotate (the largest angle, in degrees)", rotate, strict=False, below=180)
     zoom = _check_number("augmentation", "zoom (the largest change of size, a fraction)", zoom, strict=False, below=1)
+    if pad not in PADDING_MODES:
+        raise ValueError(f"augmentation: pad must be one of {PADDING_MODES}, got {pad!r}")
 
     def augment(x, rng):
         if rotate or zoom:
             x = random_affine(x, rng, rotate, zoom)
         if crop:
-            x = random_crop(x, rng, crop)
+            if pad == "reflect" and crop >= min(x.shape[2:]):
+                raise ValueError(f"augmentation: a reflected border of {crop} pixels needs images larger than "
+                                 f"that, got {x.shape[2]}x{x.shape[3]}; use a smaller crop or pad='zeros'")
+            x = random_crop(x, rng, crop, pad)
         return random_flip(x, rng) if flip else x
     augment.settings = dict(crop=crop, flip=flip)                      # recorded with a saved run
     if rotate or zoom:              # only when used: runs saved before these existed still match
         augment.settings.update(rotate=rotate, zoom=zoom)
+    if pad != "zeros":
+        augment.settings.update(pad=pad)
     return augment
 
 

@@ -34,6 +34,9 @@ def test_cifar_recipe_whitens_from_the_training_images_and_trains():
     assert np.isfinite(history.train_loss[0]) and np.array_equal(stem.params["W"], W_before)   # frozen
     with pytest.raises(ValueError, match=r"cifar_recipe: unknown settings \['width'\]"):
         Q.cifar_recipe(x, width=(8,))
+    assert kwargs["augment"].settings == dict(crop=2, flip=True)        # as the saved runs record it
+    reflect = Q.cifar_recipe(x, widths=(8,), whiten_images=20, pad="reflect")[2]["augment"]
+    assert reflect.settings == dict(crop=2, flip=True, pad="reflect")
 
 
 def test_rows_gru_recipe_clips_and_decays():

@@ -146,6 +146,27 @@ def test_random_crop_shifts_each_image_within_the_padding():
     np.testing.assert_array_equal(T.random_crop(x, np.random.default_rng(1), padding=0), x)
 
 
+def test_random_crop_with_reflected_borders():
+    """pad="reflect": every image is a window of its input mirrored about the edges (no zeros
+    come in), with the zero-padded crop's shifts (the same draws); too small an image is refused."""
+    x = np.random.default_rng(0).random((6, 2, 5, 4), dtype=np.float32) + 1     # no zeros of its own
+    augment = T.augmentation(crop=2, pad="reflect")
+    out = augment(x, np.random.default_rng(1))
+    zeros = T.random_crop(x, np.random.default_rng(1), padding=2)
+    reflected = np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2)), mode="reflect")
+    zero_padded = np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2)))
+    for n in range(len(x)):
+        (dy, dx), = [(dy, dx) for dy in range(5) for dx in range(5)
+                     if np.array_equal(zeros[n], zero_padded[n, :, dy:dy + 5, dx:dx + 4])][:1]
+        np.testing.assert_array_equal(out[n], reflected[n, :, dy:dy + 5, dx:dx + 4])
+    assert (out > 0).all() and not np.array_equal(out, x)
+    assert augment.settings == dict(crop=2, flip=False, pad="reflect")
+    with pytest.raises(ValueError, match="augmentation: pad must be one of"):
+        T.augmentation(crop=2, pad="edge")
+    with pytest.raises(ValueError, match="reflected border of 4 pixels needs images larger"):
+        T.augmentation(crop=4, pad="reflect")(x, np.random.default_rng(0))
+
+
 def test_random_flip_mirrors_some_images_and_keeps_the_rest():
     x = np.random.default_rng(0).random((40, 1, 3, 4))
     out = T.random_flip(x, np.random.default_rng(2))
