@@ -287,6 +287,8 @@ def random_crop(x, rng, padding, mode="zeros"):
     window per image. x: (N, C, H, W) -> (N, C, H, W). ``mode``: "zeros" (the border
     is 0, the mean of standardised images) or "reflect" (the image mirrored about its
     edge rows and columns, as airbench pads: no flat border the test images lack)."""
+    if mode not in PADDING_MODES:
+        raise ValueError(f"random_crop: mode must be one of {PADDING_MODES}, got {mode!r}")
     N, _, H, W = x.shape
     if mode == "reflect" and padding:
         xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)), mode="reflect")

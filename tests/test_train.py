@@ -163,6 +163,8 @@ def test_random_crop_with_reflected_borders():
     assert augment.settings == dict(crop=2, flip=False, pad="reflect")
     with pytest.raises(ValueError, match="augmentation: pad must be one of"):
         T.augmentation(crop=2, pad="edge")
+    with pytest.raises(ValueError, match="random_crop: mode must be one of"):
+        T.random_crop(x, np.random.default_rng(0), 2, mode="reflct")
     with pytest.raises(ValueError, match="reflected border of 4 pixels needs images larger"):
         T.augmentation(crop=4, pad="reflect")(x, np.random.default_rng(0))
 
