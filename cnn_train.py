@@ -377,9 +377,6 @@ def augmentation(crop=0, flip=False, rotate=0, zoom=0, pad="zeros"):
         if rotate or zoom:
             x = random_affine(x, rng, rotate, zoom)
         if crop:
-            if pad == "reflect" and crop >= min(x.shape[2:]):
-                raise ValueError(f"augmentation: a reflected border of {crop} pixels needs images larger than "
-                                 f"that, got {x.shape[2]}x{x.shape[3]}; use a smaller crop or pad='zeros'")
             x = random_crop(x, rng, crop, pad)
         return random_flip(x, rng) if flip else x
     augment.settings = dict(crop=crop, flip=flip)                      # recorded with a saved run
