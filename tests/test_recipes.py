@@ -34,9 +34,9 @@ def test_cifar_recipe_whitens_from_the_training_images_and_trains():
     assert np.isfinite(history.train_loss[0]) and np.array_equal(stem.params["W"], W_before)   # frozen
     with pytest.raises(ValueError, match=r"cifar_recipe: unknown settings \['width'\]"):
         Q.cifar_recipe(x, width=(8,))
-    assert kwargs["augment"].settings == dict(crop=2, flip=True)        # as the saved runs record it
-    reflect = Q.cifar_recipe(x, widths=(8,), whiten_images=20, pad="reflect")[2]["augment"]
-    assert reflect.settings == dict(crop=2, flip=True, pad="reflect")
+    assert kwargs["augment"].settings == dict(crop=2, flip=True, pad="reflect")   # as the saved runs record it
+    zeros = Q.cifar_recipe(x, widths=(8,), whiten_images=20, pad="zeros")[2]["augment"]
+    assert zeros.settings == dict(crop=2, flip=True)        # as runs saved before the setting existed record it
 
 
 def test_rows_gru_recipe_clips_and_decays():
@@ -194,7 +194,7 @@ def test_cifar_ablation_is_notebook_3s_variants_in_order():
     assert list(Q.CIFAR_ABLATION.items()) == [
         ("recipe", {}), ("no whitening (trained stem)", {"whiten_images": 0}),
         ("no label smoothing", {"label_smoothing": 0.0}), ("no weight averaging", {"ema": 0}),
-        ("no flips or shifts", {"shift": 0, "flip": False})]
+        ("no flips or shifts", {"shift": 0, "flip": False}), ("no reflection (zero border)", {"pad": "zeros"})]
     assert all(set(changes) <= set(Q.CIFAR_RECIPE) for changes in Q.CIFAR_ABLATION.values())
 
 
