@@ -2,6 +2,7 @@
 subsets, training that reuses saved runs, result records, report.json."""
 import dataclasses
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -427,6 +428,53 @@ def test_build_stages_run_cifar_beside_the_rest_and_the_summary_last():
     # Every notebook the build runs exists, and the lane of its own holds real notebooks.
     found = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     assert found == names and set(B.OWN_LANE) <= set(found)
+
+
+def _notebook_characters():
+    """{non-ASCII character: the notebooks whose sources or text outputs hold it}."""
+    found = {}
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        for cell in json.loads(path.read_text())["cells"]:
+            texts = [cell["source"]] + [o.get("text", "") for o in cell.get("outputs", [])] + [
+                v for o in cell.get("outputs", []) for k, v in o.get("data", {}).items() if k.startswith("text/")]
+            for text in texts:
+                for ch in "".join(text) if isinstance(text, list) else text:
+                    if ord(ch) > 127:
+                        found.setdefault(ch, set()).add(path.stem)
+    return found
+
+
+def test_report_text_uses_only_characters_the_pdf_fonts_have_or_that_are_mapped():
+    """xelatex drops a character its font lacks without an error (the PDF once read "costs 25/9
+    2.8 times" for "25/9 ≈ 2.8"): every non-ASCII character of the notebooks must be one
+    Latin Modern has or one the build maps to LaTeX."""
+    B = _build_report()
+    unknown = {ch: sorted(where) for ch, where in _notebook_characters().items()
+               if ch not in B.FONT_HAS and ch not in B.MISSING_GLYPHS}
+    assert not unknown, (f"characters {unknown} are not known to be in the PDF's fonts: check with fc-query and "
+                         "add them to tools/build_report.py's FONT_HAS, or map them in MISSING_GLYPHS")
+    for ch, tex in B.MISSING_GLYPHS.items():
+        assert f"\\catcode`{ch}=\\active\\protected\\def{ch}{{{tex}}}" in B.CONTENTS
+    assert not B.FONT_HAS & set(B.MISSING_GLYPHS)
+
+
+def test_font_has_and_missing_glyphs_match_the_installed_latin_modern_fonts():
+    """Where the report's fonts are installed: FONT_HAS are in both, MISSING_GLYPHS in neither."""
+    import shutil
+    B = _build_report()
+    fonts = [Path("/usr/share/texmf/fonts/opentype/public/lm") / name
+             for name in ("lmroman10-regular.otf", "lmmono10-regular.otf")]
+    if not shutil.which("fc-query") or not all(f.exists() for f in fonts):
+        pytest.skip("fc-query or the Latin Modern fonts are not installed")
+    for font in fonts:
+        ranges = subprocess.run(["fc-query", "--format=%{charset}", str(font)], capture_output=True, text=True,
+                                check=True).stdout.split()
+        covered = set()
+        for r in ranges:
+            first, _, last = r.partition("-")
+            covered |= set(range(int(first, 16), int(last or first, 16) + 1))
+        assert {ord(ch) for ch in B.FONT_HAS} <= covered, font.name
+        assert not {ord(ch) for ch in B.MISSING_GLYPHS} & covered, font.name
 
 
 def _notebook(path, *sources):

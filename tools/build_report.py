@@ -165,9 +165,19 @@ def merge(notebooks, names=None):
     return merged
 
 
-# After the title: captions shown (nbconvert's template hides them), then the contents and the
-# lists of figures and tables on their own page(s).
-CONTENTS = ("\\captionsetup{format=plain, font=small, labelfont=bf, aboveskip=6pt, belowskip=4pt}\n"
+# Characters the report's fonts (Latin Modern, nbconvert's default under xelatex) have no glyph
+# for: xelatex drops such a character with only a line in its log ("Missing character"), so each
+# becomes an active character that typesets its LaTeX equivalent, in text, captions and code alike.
+MISSING_GLYPHS = {"\u2248": "\\ensuremath{\\approx}",                  # ≈
+                  "\u207b": "\\textsuperscript{\\textminus}"}          # ⁻ (as in 10⁻³)
+# Non-ASCII characters the notebooks use that Latin Modern Roman and Mono both have (checked with
+# fc-query): tests/test_report.py fails on any other, which must be checked and added, or mapped above.
+FONT_HAS = set("×±→–…°·³−")
+
+# After the title: the characters above defined, captions shown (nbconvert's template hides them),
+# then the contents and the lists of figures and tables on their own page(s).
+CONTENTS = ("".join(f"\\catcode`{ch}=\\active\\protected\\def{ch}{{{tex}}}\n" for ch, tex in MISSING_GLYPHS.items())
+            + "\\captionsetup{format=plain, font=small, labelfont=bf, aboveskip=6pt, belowskip=4pt}\n"
             "\\tableofcontents\n\\listoffigures\n\\listoftables\n\\clearpage\n")
 
 FLOAT_KEY = "cnn_report"           # cnn_report.FLOAT_KEY: the output metadata of R.figure / R.table
