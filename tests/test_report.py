@@ -571,6 +571,19 @@ def test_number_floats_captions_every_figure_and_table_in_order_across_notebooks
     assert any(line.startswith("table 1 (00_a") and "no caption" in line for line in log)
 
 
+def test_number_floats_folds_the_epoch_lines_of_several_runs_into_one_line():
+    from nbformat.v4 import new_code_cell, new_notebook, new_output
+    B = _build_report()
+    log = "".join(f"epoch {e}/2: loss 0.{run}, acc 0.9 (7.{e} s)\n" for run in (1, 2, 3) for e in (1, 2))
+    study = new_output("stream", name="stdout", text="Data: MNIST\n" + log + "resumed from x after epoch 1\n")
+    one_run = new_output("stream", name="stdout", text="epoch 1/2: loss 0.5 (3 s)\nepoch 2/2: loss 0.4 (3 s)\n")
+    nb, _, _ = B.number_floats(B.merge([new_notebook(cells=[new_code_cell("study", outputs=[study]),
+                                                            new_code_cell("one", outputs=[one_run])])], ["03_x"]))
+    assert nb.cells[1].outputs[0]["text"] == ("Data: MNIST\n[the training log of 3 runs, 6 epoch lines: in "
+                                              "notebooks/03_x.ipynb]\nresumed from x after epoch 1\n")
+    assert nb.cells[2].outputs[0]["text"] == one_run["text"]          # one run's epochs stay, with their times
+
+
 def test_number_floats_groups_consecutive_plain_images_of_one_cell_into_one_figure():
     import base64
     from nbformat.v4 import new_code_cell, new_notebook, new_output

@@ -313,6 +313,8 @@ def number_floats(nb):
             if output.get("output_type") == "stream" and output.get("name") == "stderr":
                 log.append(f"stderr of {source} cell {index} (not in the PDF): {output.get('text', '').strip()[:500]}")
                 continue
+            if output.get("output_type") == "stream":
+                output["text"] = fold_training_logs("".join(output.get("text", "")), source)
             if meta.get("caption_text"):
                 continue
             kind = _float_kind(output)
@@ -364,6 +366,26 @@ def number_floats(nb):
                 cells.append(latex_cell(f"\\addtocounter{{table}}{{-{tables}}}"))
     nb.cells = cells
     return nb, resources, log
+
+
+# One line of cnn_train.fit's log: "epoch 3/9: loss 0.1222, acc 0.9630, ... (8.0 s)".
+EPOCH_LINE = re.compile(r"^epoch (\d+)/\d+: ")
+
+
+def fold_training_logs(text, source):
+    """A cell's printed ``text`` for the PDF: when it logs the epochs of several runs (a
+    study's dozens of runs fill pages), their epoch lines become one line saying how many
+    there were and where they are; the executed notebook keeps them all. One run's log
+    (a few lines, with each epoch's time) stays as it is."""
+    lines = text.splitlines(keepends=True)
+    epochs = [i for i, line in enumerate(lines) if EPOCH_LINE.match(line)]
+    runs = sum(EPOCH_LINE.match(lines[i]).group(1) == "1" for i in epochs)
+    if runs < 2:
+        return text
+    note = f"[the training log of {runs} runs, {len(epochs)} epoch lines: in notebooks/{source}.ipynb]\n"
+    skip = set(epochs)
+    kept = [line for i, line in enumerate(lines) if i not in skip]
+    return "".join(kept[:epochs[0]] + [note] + kept[epochs[0]:])
 
 
 def _reference(match, labels, log):
