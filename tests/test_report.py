@@ -574,13 +574,15 @@ def test_number_floats_captions_every_figure_and_table_in_order_across_notebooks
 def test_number_floats_folds_the_epoch_lines_of_several_runs_into_one_line():
     from nbformat.v4 import new_code_cell, new_notebook, new_output
     B = _build_report()
-    log = "".join(f"epoch {e}/2: loss 0.{run}, acc 0.9 (7.{e} s)\n" for run in (1, 2, 3) for e in (1, 2))
-    study = new_output("stream", name="stdout", text="Data: MNIST\n" + log + "resumed from x after epoch 1\n")
+    lines = ["Data: MNIST\n"] + [f"epoch {e}/2: loss 0.{run}, acc 0.9 (7.{e} s)\n" for run in (1, 2, 3)
+                                 for e in (1, 2)] + ["resumed from x after epoch 1\n"]
+    study = [new_output("stream", name="stdout", text=line) for line in lines]   # one output a line, as executed
     one_run = new_output("stream", name="stdout", text="epoch 1/2: loss 0.5 (3 s)\nepoch 2/2: loss 0.4 (3 s)\n")
-    nb, _, _ = B.number_floats(B.merge([new_notebook(cells=[new_code_cell("study", outputs=[study]),
+    nb, _, _ = B.number_floats(B.merge([new_notebook(cells=[new_code_cell("study", outputs=study),
                                                             new_code_cell("one", outputs=[one_run])])], ["03_x"]))
-    assert nb.cells[1].outputs[0]["text"] == ("Data: MNIST\n[the training log of 3 runs, 6 epoch lines: in "
-                                              "notebooks/03_x.ipynb]\nresumed from x after epoch 1\n")
+    assert len(nb.cells[1].outputs) == 1 and nb.cells[1].outputs[0]["text"] == (
+        "Data: MNIST\n[the training log of 3 runs, 6 epoch lines: in notebooks/03_x.ipynb]\n"
+        "resumed from x after epoch 1\n")
     assert nb.cells[2].outputs[0]["text"] == one_run["text"]          # one run's epochs stay, with their times
 
 

@@ -95,7 +95,7 @@ def stop(client):
 # (notebook 02 reads 01's model; the summary, the last notebook, reads every result),
 # chosen so that the two lanes take about as long: the two CIFAR-10 notebooks (the 2-D
 # CNN, 39 minutes from scratch on 2026-11-27, and the rows, 13) in one, the MNIST chapters
-# (01-03, 47), the image folders and Fashion-MNIST (5) in the other: 51.7 and 51.8 minutes. Until
+# (01-03, 49), the image folders and Fashion-MNIST (4) in the other: 51.3 and 53.8 minutes. Until
 # 2026-11-27 the rows models were part of notebook 04, whose lane alone then took 64
 # minutes, the other 50; from then until the CIFAR-10 recipe's 7 epochs Fashion-MNIST
 # ran beside notebook 04 instead of the rows.
@@ -308,7 +308,7 @@ def number_floats(nb):
         for f in pending:                           # the previous cell's floats got no caption
             f["caption"] = None
         outputs, groups = [], []
-        for output in cell.get("outputs", []):
+        for output in _merge_streams(cell.get("outputs", [])):
             meta = output.get("metadata", {}).get(FLOAT_KEY, {})
             if output.get("output_type") == "stream" and output.get("name") == "stderr":
                 log.append(f"stderr of {source} cell {index} (not in the PDF): {output.get('text', '').strip()[:500]}")
@@ -366,6 +366,19 @@ def number_floats(nb):
                 cells.append(latex_cell(f"\\addtocounter{{table}}{{-{tables}}}"))
     nb.cells = cells
     return nb, resources, log
+
+
+def _merge_streams(outputs):
+    """The outputs with each run of consecutive stream outputs of one name joined into one
+    (a log printed line by line arrives as one output per line)."""
+    merged = []
+    for output in outputs:
+        if (output.get("output_type") == "stream" and merged and merged[-1].get("output_type") == "stream"
+                and merged[-1].get("name") == output.get("name")):
+            merged[-1]["text"] = "".join(merged[-1].get("text", "")) + "".join(output.get("text", ""))
+        else:
+            merged.append(output)
+    return merged
 
 
 # One line of cnn_train.fit's log: "epoch 3/9: loss 0.1222, acc 0.9630, ... (8.0 s)".
