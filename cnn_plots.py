@@ -218,7 +218,8 @@ def _image_figure(images, titles, ncols, cmap):
     images = np.asarray(images)
     if images.ndim != 4 or len(images) == 0:
         raise ValueError(f"expected a non-empty batch of images (N, C, H, W), got shape {images.shape}")
-    fig, axes = _grid(len(images), ncols, height=1.5 if titles is not None else 1.3)
+    lines = max((str(t).count("\n") + 1 for t in titles), default=0) if titles is not None else 0
+    fig, axes = _grid(len(images), ncols, height=1.3 + 0.2 * lines)
     for k, (ax, image) in enumerate(zip(axes, images)):
         ax.imshow(_to_display(image), cmap=cmap, vmin=0, vmax=1)
         if titles is not None:
@@ -248,7 +249,8 @@ def plot_class_examples(x, y, class_names, per_class=6, max_classes=None, ncols=
 
 @_styled
 def plot_misclassified(x, y_true, y_pred, proba, class_names, n=20, path=None):
-    """The ``n`` most confident mistakes, titled "true / pred (confidence%)".
+    """The ``n`` most confident mistakes, titled "true" over "-> predicted (confidence%)"
+    (two lines: class names such as "automobile" side by side would overlap).
 
     x: (N, C, H, W), y_true and y_pred: (N,), proba: (N, K) predicted probabilities.
     """
@@ -261,10 +263,10 @@ def plot_misclassified(x, y_true, y_pred, proba, class_names, n=20, path=None):
         return _finish(fig, path)
     confidence = proba[wrong, y_pred[wrong]]
     worst = wrong[np.argsort(-confidence, kind="stable")[:n]]
-    titles = [f"{class_names[y_true[i]]} / {class_names[y_pred[i]]} ({100 * proba[i, y_pred[i]]:.0f}%)"
+    titles = [f"{class_names[y_true[i]]}\n→ {class_names[y_pred[i]]} ({100 * proba[i, y_pred[i]]:.0f}%)"
               for i in worst]
     fig = _image_figure(x[worst], titles, 10, "gray")
-    fig.suptitle("most confident mistakes: true / predicted (confidence)", y=1.02)
+    fig.suptitle("most confident mistakes: true class, → predicted (confidence)", y=1.02)
     return _finish(fig, path)
 
 

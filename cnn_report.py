@@ -513,27 +513,39 @@ def target_verdict(value, target):
     return f"target {round(target * 100, 4):g} %: **{'met' if value >= target - 1e-9 else 'not met'}**"
 
 
-def seeds_sentence(results, target, train_images, cores=None):
+def budget_verdict(seconds, minutes):
+    """Whether a run's training ``seconds`` fit a budget of ``minutes``, in bold:
+    "budget 5 minutes: **met**" (compared in seconds: 303 s is over 5 minutes even
+    where it prints as 5.1)."""
+    return f"budget {minutes:g} minutes: **{'met' if seconds <= minutes * 60 else 'not met'}**"
+
+
+def seeds_sentence(results, target, train_images, cores=None, budget=None):
     """The result of one recipe trained once per seed (notebook 1), as Markdown:
     mean +- standard deviation of the test accuracies of ``results`` (a scored
     ``Result`` per seed) against ``target``, epochs of ``train_images`` images,
     the median seconds per epoch on ``cores`` CPU cores (default: this machine's)
-    and the longest training in minutes."""
+    and the longest training in minutes (with its ``budget_verdict`` for a ``budget``
+    in minutes per run)."""
     mean, std = seed_statistics([r.accuracy for r in results])
+    longest = max(r.train_seconds for r in results)
     cores = os.cpu_count() if cores is None else cores
+    seeds = f"{len(results)} seed{'s' if len(results) != 1 else ''}"
     return MarkdownText(
-        f"**Test accuracy {mean:.2%} ± {std:.2%}** (mean ± standard deviation over {len(results)} seed(s); "
+        f"**Test accuracy {mean:.2%} ± {std:.2%}** (mean ± standard deviation over {seeds}; "
         f"{target_verdict(mean, target)}), each run {results[0].epochs} epochs of "
         f"{int(train_images):,} images, {np.median([r.seconds for r in results]):.1f} s per epoch (median) on "
-        f"{cores} CPU cores, at most {max(r.train_seconds for r in results) / 60:.1f} minutes of training.")
+        f"{cores} CPU cores, at most {longest / 60:.1f} minutes of training"
+        + (f" ({budget_verdict(longest, budget)})." if budget else "."))
 
 
-def run_sentence(result, name, target=None, how=""):
+def run_sentence(result, name, target=None, how="", budget=None):
     """The test accuracy of one run, a scored ``Result``, as Markdown: "**<name> test
     accuracy: 91.23%** <how> (10 epochs of 150 s)." With a ``target`` (a fraction),
     the ``target_verdict`` for one run, the training minutes and the macro precision
     and recall instead: "... (target 90 %: **met**; one run) after 10 epochs of
-    150 s (25.0 minutes of training). Macro precision 0.912, recall 0.912.". A run
+    150 s (25.0 minutes of training). Macro precision 0.912, recall 0.912."; a ``budget``
+    in minutes adds its ``budget_verdict`` after the minutes. A run
     scored with test-time augmentation (``result.tta``) ends with a sentence naming
     it and the validation accuracy without and with it."""
     head = f"**{name} test accuracy: {result.accuracy:.2%}**" + (f" {how}" if how else "")
@@ -545,13 +557,9 @@ def run_sentence(result, name, target=None, how=""):
     macro = result.report["macro"]
     return MarkdownText(
         f"{head} ({target_verdict(result.accuracy, target)}; one run) after {result.epochs} epochs of "
-        f"{result.seconds:.0f} s ({result.train_seconds / 60:.1f} minutes of training). "
+        f"{result.seconds:.0f} s ({result.train_seconds / 60:.1f} minutes of training"
+        + (f"; {budget_verdict(result.train_seconds, budget)}" if budget else "") + "). "
         f"Macro precision {macro['precision']:.3f}, recall {macro['recall']:.3f}.{tta}")
-
-
-def target_sentence(name, accuracy, target):
-    """"<name>: **55.12%** (target 55 %: **met**)." as Markdown (``target_verdict``)."""
-    return MarkdownText(f"{name}: **{accuracy:.2%}** ({target_verdict(accuracy, target)}).")
 
 
 # ---------------------------------------------------------------------------

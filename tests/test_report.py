@@ -693,17 +693,19 @@ def _seed_results():
 def test_seeds_sentence_is_notebook_1s_result_sentence(monkeypatch):
     text = R.seeds_sentence(_seed_results(), 0.9955, train_images=55000, cores=2)
     assert isinstance(text, R.MarkdownText) and text == (
-        "**Test accuracy 99.56% ± 0.05%** (mean ± standard deviation over 3 seed(s); target 99.55 %: **met**), "
+        "**Test accuracy 99.56% ± 0.05%** (mean ± standard deviation over 3 seeds; target 99.55 %: **met**), "
         "each run 5 epochs of 55,000 images, 48.3 s per epoch (median) on 2 CPU cores, at most 4.1 minutes of "
         "training.")
     monkeypatch.setattr(R.os, "cpu_count", lambda: 7)
+    budget = R.seeds_sentence(_seed_results(), 0.9955, train_images=55000, cores=2, budget=4)
+    assert budget == text.replace("minutes of training.", "minutes of training (budget 4 minutes: **not met**).")
     one = R.seeds_sentence(_seed_results()[1:2], 0.9955, train_images=2000)
-    assert one == ("**Test accuracy 99.51% ± 0.00%** (mean ± standard deviation over 1 seed(s); target 99.55 %: "
+    assert one == ("**Test accuracy 99.51% ± 0.00%** (mean ± standard deviation over 1 seed; target 99.55 %: "
                    "**not met**), each run 5 epochs of 2,000 images, 47.9 s per epoch (median) on 7 CPU cores, "
                    "at most 4.0 minutes of training.")
 
 
-def test_run_sentence_and_target_sentence_are_notebooks_4_and_7s_result_sentences():
+def test_run_sentence_is_notebooks_4_6_and_7s_result_sentence():
     cnn = R.Result("2-D CNN", 10, 10, 151.4, [0.9], train_seconds=1514.2, accuracy=0.9123,
                    report={"macro": {"precision": 0.91234, "recall": 0.9121}})
     assert R.run_sentence(cnn, "2-D CNN", target=0.90, how="with flip test-time augmentation") == (
@@ -713,8 +715,16 @@ def test_run_sentence_and_target_sentence_are_notebooks_4_and_7s_result_sentence
     assert R.run_sentence(fashion, "Fashion-MNIST", how="with the MNIST recipe") == (
         "**Fashion-MNIST test accuracy: 93.12%** with the MNIST recipe (5 epochs of 50 s).")
     assert R.run_sentence(fashion, "F") == "**F test accuracy: 93.12%** (5 epochs of 50 s)."
-    text = R.target_sentence("Row-sequence model", 0.5467, target=0.55)
-    assert isinstance(text, R.MarkdownText) and text == "Row-sequence model: **54.67%** (target 55 %: **not met**)."
+    assert R.run_sentence(cnn, "2-D CNN", target=0.90, budget=25) == (
+        "**2-D CNN test accuracy: 91.23%** (target 90 %: **met**; one run) after 10 epochs of 151 s (25.2 minutes "
+        "of training; budget 25 minutes: **not met**). Macro precision 0.912, recall 0.912.")
+
+
+def test_budget_verdict_compares_seconds_not_the_rounded_minutes():
+    assert R.budget_verdict(300.0, 5) == "budget 5 minutes: **met**"
+    assert R.budget_verdict(303.5, 5) == "budget 5 minutes: **not met**"          # printed as 5.1 minutes
+    assert R.budget_verdict(301.0, 5) == "budget 5 minutes: **not met**"          # printed as 5.0 minutes
+    assert R.budget_verdict(1799.0, 30) == "budget 30 minutes: **met**"
 
 
 @pytest.mark.parametrize("source", ["the CIFAR-10 binary batches", "the JPEG copy of CIFAR-10 (folder x)"])
