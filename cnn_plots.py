@@ -218,6 +218,7 @@ def _image_figure(images, titles, ncols, cmap):
     images = np.asarray(images)
     if images.ndim != 4 or len(images) == 0:
         raise ValueError(f"expected a non-empty batch of images (N, C, H, W), got shape {images.shape}")
+    # 1.3 inches a row of images, and 0.2 more for each line of the titles (fontsize 8)
     lines = max((str(t).count("\n") + 1 for t in titles), default=0) if titles is not None else 0
     fig, axes = _grid(len(images), ncols, height=1.3 + 0.2 * lines)
     for k, (ax, image) in enumerate(zip(axes, images)):
@@ -249,7 +250,7 @@ def plot_class_examples(x, y, class_names, per_class=6, max_classes=None, ncols=
 
 @_styled
 def plot_misclassified(x, y_true, y_pred, proba, class_names, n=20, path=None):
-    """The ``n`` most confident mistakes, titled "true" over "-> predicted (confidence%)"
+    """The ``n`` most confident mistakes, titled "true" over "→ predicted (confidence%)"
     (two lines: class names such as "automobile" side by side would overlap).
 
     x: (N, C, H, W), y_true and y_pred: (N,), proba: (N, K) predicted probabilities.

@@ -114,15 +114,16 @@ MNIST_RECIPE = dict(
 # three seeds of the short schedule: 53.77 % against the recipe's 55.43 %, lower for every seed (t = -1.1).
 # Test, scored once in the report's build of 2026-11-27 (08:25-09:19): 87.14 % (validation 87.06 %, with the
 # TTA 87.90 %: the validation run's figures, the runs being deterministic) after 31.0 minutes of training
-# (252-302 s an epoch beside the other lane), against 87.04 % with zeros. Batch 512 at lr 0.75 with EMA 0.992 (the same rate per image and the same averaging
-# horizon): 86.58 %, with the TTA 87.48 %, and slower (292-306 s an epoch): not adopted.
+# (252-302 s an epoch beside the other lane), against 87.04 % with zeros. Batch 512 at lr 0.75 with EMA 0.992
+# (the same rate per image and the same averaging horizon): 86.58 %, with the TTA 87.48 %, and slower
+# (292-306 s an epoch): not adopted.
 CIFAR_RECIPE = dict(
     epochs=7, batch_size=128, widths=(64, 128, 256),
     lr=0.1875, momentum=0.85, weight_decay=1.33e-3,
     warmup=0.2,
     label_smoothing=0.2, ema=0.998,
     shift=2, flip=True,                             # random 2-pixel shifts and mirror images
-    pad="reflect",                                  # the shifted-in border: the image mirrored ("zeros": black)
+    pad="reflect",                                  # shifted-in border: the image mirrored ("zeros": black)
     whiten_images=5000,                             # training images whose 2x2 patches set the frozen stem
                                                     # (0: a trainable stem from a random start instead)
     identity_init=False,                            # M.identity_filters on every 3x3 convolution

@@ -267,7 +267,7 @@ def load_cifar10():
 def progress_bar(enabled):
     """What to pass as ``cnn_train.fit(progress=...)``: tqdm's live bar with an
     ETA when ``enabled`` (``cnn_data.live_progress_bar``: a widget in Jupyter), otherwise
-    False (the PDF keeps the per-epoch lines)."""
+    False (the notebook keeps the per-epoch lines)."""
     return D.live_progress_bar() if enabled else False
 
 
@@ -517,7 +517,8 @@ def budget_verdict(seconds, minutes):
     """Whether a run's training ``seconds`` fit a budget of ``minutes``, in bold:
     "budget 5 minutes: **met**" (compared in seconds: 303 s is over 5 minutes even
     where it prints as 5.1)."""
-    return f"budget {minutes:g} minutes: **{'met' if seconds <= minutes * 60 else 'not met'}**"
+    unit = "minute" if minutes == 1 else "minutes"
+    return f"budget {minutes:g} {unit}: **{'met' if seconds <= minutes * 60 else 'not met'}**"
 
 
 def seeds_sentence(results, target, train_images, cores=None, budget=None):
@@ -536,7 +537,7 @@ def seeds_sentence(results, target, train_images, cores=None, budget=None):
         f"{target_verdict(mean, target)}), each run {results[0].epochs} epochs of "
         f"{int(train_images):,} images, {np.median([r.seconds for r in results]):.1f} s per epoch (median) on "
         f"{cores} CPU cores, at most {longest / 60:.1f} minutes of training"
-        + (f" ({budget_verdict(longest, budget)})." if budget else "."))
+        + (f" ({budget_verdict(longest, budget)})." if budget is not None else "."))
 
 
 def run_sentence(result, name, target=None, how="", budget=None):
@@ -552,13 +553,14 @@ def run_sentence(result, name, target=None, how="", budget=None):
     tta = ("" if result.tta is None else f" Scored with test-time augmentation, the mean logits of "
            f"{M.TTA_VIEWS[result.tta]} (validation accuracy {result.val_acc:.2%} without it, "
            f"{result.val_acc_tta:.2%} with it).")
+    budget_text = "" if budget is None else f"; {budget_verdict(result.train_seconds, budget)}"
     if target is None:
-        return MarkdownText(f"{head} ({result.epochs} epochs of {result.seconds:.0f} s).{tta}")
+        minutes = "" if budget is None else f", {result.train_seconds / 60:.1f} minutes of training{budget_text}"
+        return MarkdownText(f"{head} ({result.epochs} epochs of {result.seconds:.0f} s{minutes}).{tta}")
     macro = result.report["macro"]
     return MarkdownText(
         f"{head} ({target_verdict(result.accuracy, target)}; one run) after {result.epochs} epochs of "
-        f"{result.seconds:.0f} s ({result.train_seconds / 60:.1f} minutes of training"
-        + (f"; {budget_verdict(result.train_seconds, budget)}" if budget else "") + "). "
+        f"{result.seconds:.0f} s ({result.train_seconds / 60:.1f} minutes of training{budget_text}). "
         f"Macro precision {macro['precision']:.3f}, recall {macro['recall']:.3f}.{tta}")
 
 

@@ -38,6 +38,21 @@ GRAY = RNG.normal(size=(12, 1, 8, 8))
 RGB = RNG.uniform(size=(5, 3, 8, 8))
 PROBA = RNG.dirichlet(np.ones(3), size=30)
 
+def test_misclassified_titles_name_the_true_class_over_the_predicted_one():
+    """Two lines ("cat" over "→ dog (90%)"): CIFAR-10's class names side by side overlapped;
+    the rows grow 0.2 inches a title line."""
+    y_true, y_pred = np.array([0, 1, 2, 0]), np.array([1, 1, 0, 0])
+    proba = np.array([[0.1, 0.9, 0.0], [0.1, 0.8, 0.1], [0.6, 0.2, 0.2], [0.7, 0.2, 0.1]])
+    fig = P.plot_misclassified(RNG.uniform(size=(4, 1, 8, 8)), y_true, y_pred, proba, ["cat", "dog", "bird"])
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["cat\n→ dog (90%)", "bird\n→ cat (60%)"]              # most confident first
+    one_line = P.plot_images(RNG.uniform(size=(2, 1, 8, 8)), titles=["a", "b"], ncols=2)
+    two_lines = P.plot_images(RNG.uniform(size=(2, 1, 8, 8)), titles=["a\nx", "b"], ncols=2)
+    untitled = P.plot_images(RNG.uniform(size=(2, 1, 8, 8)), ncols=2)
+    heights = [f.get_size_inches()[1] for f in (untitled, one_line, two_lines)]
+    assert heights[1] - heights[0] == pytest.approx(0.2) and heights[2] - heights[1] == pytest.approx(0.2)
+
+
 CASES = {
     "history": lambda p: P.plot_history(HISTORY, path=p),
     "history_no_val": lambda p: P.plot_history({"train_loss": [1.0, 0.5], "train_acc": [0.5, 0.7],

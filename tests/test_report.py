@@ -1,5 +1,6 @@
 """Tests of cnn_report, the helpers of the report notebooks: Markdown tables,
 subsets, training that reuses saved runs, result records, report.json."""
+import copy
 import dataclasses
 import json
 import subprocess
@@ -453,8 +454,8 @@ def test_report_text_uses_only_characters_the_pdf_fonts_have_or_that_are_mapped(
                if ch not in B.FONT_HAS and ch not in B.MISSING_GLYPHS}
     assert not unknown, (f"characters {unknown} are not known to be in the PDF's fonts: check with fc-query and "
                          "add them to tools/build_report.py's FONT_HAS, or map them in MISSING_GLYPHS")
-    for ch, tex in B.MISSING_GLYPHS.items():
-        assert f"\\catcode`{ch}=\\active\\protected\\def{ch}{{{tex}}}" in B.CONTENTS
+    for ch in B.MISSING_GLYPHS:             # defined before the lists of figures and tables read their captions
+        assert -1 < B.CONTENTS.index(f"\\catcode`{ch}=\\active") < B.CONTENTS.index("\\listoffigures")
     assert not B.FONT_HAS & set(B.MISSING_GLYPHS)
 
 
@@ -462,10 +463,12 @@ def test_font_has_and_missing_glyphs_match_the_installed_latin_modern_fonts():
     """Where the report's fonts are installed: FONT_HAS are in both, MISSING_GLYPHS in neither."""
     import shutil
     B = _build_report()
-    fonts = [Path("/usr/share/texmf/fonts/opentype/public/lm") / name
+    if not shutil.which("fc-query") or not shutil.which("kpsewhich"):
+        pytest.skip("fc-query or TeX's kpsewhich is not installed")
+    fonts = [subprocess.run(["kpsewhich", name], capture_output=True, text=True).stdout.strip()
              for name in ("lmroman10-regular.otf", "lmmono10-regular.otf")]
-    if not shutil.which("fc-query") or not all(f.exists() for f in fonts):
-        pytest.skip("fc-query or the Latin Modern fonts are not installed")
+    if not all(fonts):
+        pytest.skip("the Latin Modern fonts are not installed")
     for font in fonts:
         ranges = subprocess.run(["fc-query", "--format=%{charset}", str(font)], capture_output=True, text=True,
                                 check=True).stdout.split()
@@ -473,8 +476,8 @@ def test_font_has_and_missing_glyphs_match_the_installed_latin_modern_fonts():
         for r in ranges:
             first, _, last = r.partition("-")
             covered |= set(range(int(first, 16), int(last or first, 16) + 1))
-        assert {ord(ch) for ch in B.FONT_HAS} <= covered, font.name
-        assert not {ord(ch) for ch in B.MISSING_GLYPHS} & covered, font.name
+        assert {ord(ch) for ch in B.FONT_HAS} <= covered, font
+        assert not {ord(ch) for ch in B.MISSING_GLYPHS} & covered, font
 
 
 def _notebook(path, *sources):
@@ -577,12 +580,21 @@ def test_number_floats_folds_the_epoch_lines_of_several_runs_into_one_line():
     lines = ["Data: MNIST\n"] + [f"epoch {e}/2: loss 0.{run}, acc 0.9 (7.{e} s)\n" for run in (1, 2, 3)
                                  for e in (1, 2)] + ["resumed from x after epoch 1\n"]
     study = [new_output("stream", name="stdout", text=line) for line in lines]   # one output a line, as executed
+    study.insert(3, new_output("stream", name="stderr", text="UserWarning: between two runs\n"))
     one_run = new_output("stream", name="stdout", text="epoch 1/2: loss 0.5 (3 s)\nepoch 2/2: loss 0.4 (3 s)\n")
-    nb, _, _ = B.number_floats(B.merge([new_notebook(cells=[new_code_cell("study", outputs=study),
-                                                            new_code_cell("one", outputs=[one_run])])], ["03_x"]))
-    assert len(nb.cells[1].outputs) == 1 and nb.cells[1].outputs[0]["text"] == (
+    # a run resumed from its checkpoint (epochs 2-3 of 3) after a whole one: two runs
+    resumed = new_output("stream", name="stdout", text="".join(f"epoch {e}/{n}: loss 1 (1 s)\n"
+                                                               for e, n in [(1, 3), (2, 3), (3, 3), (2, 3), (3, 3)]))
+    cells = [new_code_cell("study", outputs=study), new_code_cell("one", outputs=[one_run]),
+             new_code_cell("resumed", outputs=[resumed])]
+    original = copy.deepcopy(cells)
+    nb, _, log = B.number_floats(B.merge([new_notebook(cells=cells)], ["03_x"]))
+    assert len(nb.cells[1].outputs) == 1 and nb.cells[1].outputs[0].text == (        # a NotebookNode still
         "Data: MNIST\n[the training log of 3 runs, 6 epoch lines: in notebooks/03_x.ipynb]\n"
         "resumed from x after epoch 1\n")
+    assert any("UserWarning: between two runs" in line for line in log)
+    assert nb.cells[3].outputs[0]["text"] == "[the training log of 2 runs, 5 epoch lines: in notebooks/03_x.ipynb]\n"
+    assert cells == original                                    # the caller's notebook is left as it was
     assert nb.cells[2].outputs[0]["text"] == one_run["text"]          # one run's epochs stay, with their times
 
 
@@ -715,6 +727,8 @@ def test_run_sentence_is_notebooks_4_6_and_7s_result_sentence():
     assert R.run_sentence(fashion, "Fashion-MNIST", how="with the MNIST recipe") == (
         "**Fashion-MNIST test accuracy: 93.12%** with the MNIST recipe (5 epochs of 50 s).")
     assert R.run_sentence(fashion, "F") == "**F test accuracy: 93.12%** (5 epochs of 50 s)."
+    assert R.run_sentence(fashion, "F", budget=1) == ("**F test accuracy: 93.12%** (5 epochs of 50 s, 0.0 minutes "
+                                                      "of training; budget 1 minute: **met**).")
     assert R.run_sentence(cnn, "2-D CNN", target=0.90, budget=25) == (
         "**2-D CNN test accuracy: 91.23%** (target 90 %: **met**; one run) after 10 epochs of 151 s (25.2 minutes "
         "of training; budget 25 minutes: **not met**). Macro precision 0.912, recall 0.912.")
@@ -725,6 +739,7 @@ def test_budget_verdict_compares_seconds_not_the_rounded_minutes():
     assert R.budget_verdict(303.5, 5) == "budget 5 minutes: **not met**"          # printed as 5.1 minutes
     assert R.budget_verdict(301.0, 5) == "budget 5 minutes: **not met**"          # printed as 5.0 minutes
     assert R.budget_verdict(1799.0, 30) == "budget 30 minutes: **met**"
+    assert R.budget_verdict(0.5, 0) == "budget 0 minutes: **not met**"          # a budget of 0 is a budget
 
 
 @pytest.mark.parametrize("source", ["the CIFAR-10 binary batches", "the JPEG copy of CIFAR-10 (folder x)"])

@@ -10,7 +10,8 @@ export them together through nbconvert's LaTeX route (xelatex).
 
 The notebooks read three environment variables that this script sets:
 CNN_QUICK ("1" for the quick mode), CNN_OUT (where runs/, figures/ go) and
-CNN_PROGRESS ("0": no live progress bar, the PDF keeps the per-epoch lines);
+CNN_PROGRESS ("0": no live progress bar, the notebooks keep the per-epoch lines; the PDF
+shows one run's and folds those of a cell that trained several, ``fold_training_logs``);
 with two lanes, each kernel also gets OPENBLAS_NUM_THREADS (unless it is set).
 Training notebooks save weights and histories in <out>/runs/ and reuse them,
 so an interrupted build resumes where it stopped. Cells tagged "hide-input"
@@ -274,7 +275,9 @@ def _legacy_caption(cell):
 def number_floats(nb):
     """Turn every figure and table output of the merged notebook ``nb`` into a
     captioned LaTeX float, in order (LaTeX numbers them: one numbering for the
-    whole PDF); drop stderr outputs and the caption lines Jupyter shows.
+    whole PDF); drop stderr outputs and the caption lines Jupyter shows; join each
+    cell's printed lines into one output and fold the epoch logs of several runs
+    (``fold_training_logs``).
 
     Returns (notebook, resources, log): a new notebook whose float outputs carry
     ``text/latex`` (preferred by nbconvert's LaTeX export; the PNG moves into
@@ -307,12 +310,15 @@ def number_floats(nb):
             continue
         for f in pending:                           # the previous cell's floats got no caption
             f["caption"] = None
-        outputs, groups = [], []
-        for output in _merge_streams(cell.get("outputs", [])):
-            meta = output.get("metadata", {}).get(FLOAT_KEY, {})
+        outputs, groups, shown = [], [], []
+        for output in cell.get("outputs", []):     # stderr first, so that stdout around a warning joins up
             if output.get("output_type") == "stream" and output.get("name") == "stderr":
-                log.append(f"stderr of {source} cell {index} (not in the PDF): {output.get('text', '').strip()[:500]}")
-                continue
+                text = "".join(output.get("text", "")).strip()
+                log.append(f"stderr of {source} cell {index} (not in the PDF): {text[:500]}")
+            else:
+                shown.append(output)
+        for output in _merge_streams(shown):
+            meta = output.get("metadata", {}).get(FLOAT_KEY, {})
             if output.get("output_type") == "stream":
                 output["text"] = fold_training_logs("".join(output.get("text", "")), source)
             if meta.get("caption_text"):
@@ -369,20 +375,23 @@ def number_floats(nb):
 
 
 def _merge_streams(outputs):
-    """The outputs with each run of consecutive stream outputs of one name joined into one
-    (a log printed line by line arrives as one output per line)."""
+    """A new list of the outputs in which each run of consecutive stream outputs of one
+    name is one output (a copy) with its text as one string: a log printed line by line
+    arrives as one output per line. The outputs themselves are not changed."""
     merged = []
     for output in outputs:
-        if (output.get("output_type") == "stream" and merged and merged[-1].get("output_type") == "stream"
-                and merged[-1].get("name") == output.get("name")):
-            merged[-1]["text"] = "".join(merged[-1].get("text", "")) + "".join(output.get("text", ""))
-        else:
+        if output.get("output_type") != "stream":
             merged.append(output)
+        elif merged and merged[-1].get("output_type") == "stream" and merged[-1].get("name") == output.get("name"):
+            merged[-1]["text"] += "".join(output.get("text", ""))
+        else:
+            merged.append(copy.copy(output))         # a NotebookNode still: nbconvert reads output.text
+            merged[-1]["text"] = "".join(output.get("text", ""))
     return merged
 
 
 # One line of cnn_train.fit's log: "epoch 3/9: loss 0.1222, acc 0.9630, ... (8.0 s)".
-EPOCH_LINE = re.compile(r"^epoch (\d+)/\d+: ")
+EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+): ")
 
 
 def fold_training_logs(text, source):
@@ -392,7 +401,10 @@ def fold_training_logs(text, source):
     (a few lines, with each epoch's time) stays as it is."""
     lines = text.splitlines(keepends=True)
     epochs = [i for i, line in enumerate(lines) if EPOCH_LINE.match(line)]
-    runs = sum(EPOCH_LINE.match(lines[i]).group(1) == "1" for i in epochs)
+    counts = [tuple(int(n) for n in EPOCH_LINE.match(lines[i]).groups()) for i in epochs]   # (epoch, of)
+    # a run starts wherever the count does not go on (a resumed run starts past epoch 1)
+    runs = sum(k == 0 or (epoch, total) != (counts[k - 1][0] + 1, counts[k - 1][1])
+               for k, (epoch, total) in enumerate(counts))
     if runs < 2:
         return text
     note = f"[the training log of {runs} runs, {len(epochs)} epoch lines: in notebooks/{source}.ipynb]\n"
