@@ -151,7 +151,7 @@ def plot_val_curves(curves, title=None, path=None):
     if not curves or not all(values.ndim in (1, 2) and values.shape[-1] for values in curves.values()):
         raise ValueError("plot_val_curves: need at least one run with one value per epoch, got "
                          f"{ {label: values.shape for label, values in curves.items()} }")
-    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    fig, ax = plt.subplots(figsize=(7.5, 3.2))
     for label, values in curves.items():
         epochs = np.arange(1, values.shape[-1] + 1)
         if values.ndim == 2:
@@ -164,7 +164,8 @@ def plot_val_curves(curves, title=None, path=None):
     ax.set(xlabel="epoch", ylabel="validation accuracy", title=title or "validation accuracy",
            xlim=(0.5, longest + 0.5))                  # whole epochs on the axis, even for a single one
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
-    ax.legend(fontsize=8)
+    # beside the axes, not on them: seven curves with error bars leave no free corner
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     fig.tight_layout()
     return _finish(fig, path)
 

@@ -596,11 +596,13 @@ def beyond_noise(a, b):
 
 
 def study_table(study, baseline, metric="val_acc", label="validation accuracy"):
-    """A Markdown table of a study, {variant: [Result, one per seed]}: parameters,
-    seconds per epoch, the metric's mean +- standard deviation over the seeds,
-    its difference to the ``baseline`` variant and whether that difference
-    exceeds the seed noise (``beyond_noise``). ``metric``: a ``Result`` field
-    or property holding a fraction, named ``label`` in the header."""
+    """A Markdown table of a study, {variant: [Result, one per seed]}: parameters
+    (only where the variants differ in them: a column the same in every row says
+    nothing and makes a wide table smaller in print), seconds per epoch, the
+    metric's mean +- standard deviation over the seeds, its difference to the
+    ``baseline`` variant and whether that difference exceeds the seed noise
+    (``beyond_noise``). ``metric``: a ``Result`` field or property holding a
+    fraction, named ``label`` in the header."""
     if baseline not in study:
         raise ValueError(f"study_table: baseline {baseline!r} is not one of the variants {list(study)}")
     base = [getattr(r, metric) for r in study[baseline]]
@@ -613,8 +615,10 @@ def study_table(study, baseline, metric="val_acc", label="validation accuracy"):
                      f"{mean:.2%} ± {std:.2%}", "baseline" if name == baseline else f"{diff * 100:+.2f}",
                      "" if name == baseline else (verdict if verdict == "n/a" else f"{verdict} (t = {t:.1f})")])
     seeds = f"{len(base)} seed{'s' if len(base) > 1 else ''}"
-    return markdown_table(["variant", "parameters", "s / epoch", f"{label} ({seeds})",
-                           "difference (points)", "beyond seed noise?"], rows)
+    header = ["variant", "parameters", "s / epoch", f"{label} ({seeds})", "difference (points)", "beyond seed noise?"]
+    if len({runs[0].params for runs in study.values()}) == 1:
+        header, rows = header[:1] + header[2:], [row[:1] + row[2:] for row in rows]
+    return markdown_table(header, rows)
 
 
 def study_record(study):

@@ -331,6 +331,10 @@ def test_study_table_gives_mean_std_difference_and_verdict():
     assert "91.00% ± 1.00%" in lines[2] and "| baseline |" in lines[2]
     assert "+5.00" in lines[3] and "yes (t = 6.1)" in lines[3]
     assert "no (t = " in lines[4]
+    assert "parameters" not in lines[0]                        # the same for every variant: no column
+    wider = {**study, "wide": [dataclasses.replace(r, params=r.params * 2) for r in study["better"]]}
+    wide_lines = str(R.study_table(wider, "base")).splitlines()
+    assert wide_lines[0].startswith("| variant | parameters |") and f"| {2 * study['base'][0].params:,} |" in wide_lines[5]
     with pytest.raises(ValueError, match="baseline 'nope' is not one of the variants"):
         R.study_table(study, "nope")
     curves = R.study_curves(study)
