@@ -513,12 +513,16 @@ def target_verdict(value, target):
     return f"target {round(target * 100, 4):g} %: **{'met' if value >= target - 1e-9 else 'not met'}**"
 
 
+def _count(n, word):
+    """"1 seed", "3 seeds": ``n`` and ``word``, plural unless n is 1."""
+    return f"{n:g} {word}{'' if n == 1 else 's'}"
+
+
 def budget_verdict(seconds, minutes):
     """Whether a run's training ``seconds`` fit a budget of ``minutes``, in bold:
     "budget 5 minutes: **met**" (compared in seconds: 303 s is over 5 minutes even
     where it prints as 5.1)."""
-    unit = "minute" if minutes == 1 else "minutes"
-    return f"budget {minutes:g} {unit}: **{'met' if seconds <= minutes * 60 else 'not met'}**"
+    return f"budget {_count(minutes, 'minute')}: **{'met' if seconds <= minutes * 60 else 'not met'}**"
 
 
 def seeds_sentence(results, target, train_images, cores=None, budget=None):
@@ -531,9 +535,8 @@ def seeds_sentence(results, target, train_images, cores=None, budget=None):
     mean, std = seed_statistics([r.accuracy for r in results])
     longest = max(r.train_seconds for r in results)
     cores = os.cpu_count() if cores is None else cores
-    seeds = f"{len(results)} seed{'s' if len(results) != 1 else ''}"
     return MarkdownText(
-        f"**Test accuracy {mean:.2%} ± {std:.2%}** (mean ± standard deviation over {seeds}; "
+        f"**Test accuracy {mean:.2%} ± {std:.2%}** (mean ± standard deviation over {_count(len(results), 'seed')}; "
         f"{target_verdict(mean, target)}), each run {results[0].epochs} epochs of "
         f"{int(train_images):,} images, {np.median([r.seconds for r in results]):.1f} s per epoch (median) on "
         f"{cores} CPU cores, at most {longest / 60:.1f} minutes of training"
@@ -614,8 +617,8 @@ def study_table(study, baseline, metric="val_acc", label="validation accuracy"):
         rows.append([name, f"{runs[0].params:,}", f"{np.median([r.seconds for r in runs]):.1f}",
                      f"{mean:.2%} ± {std:.2%}", "baseline" if name == baseline else f"{diff * 100:+.2f}",
                      "" if name == baseline else (verdict if verdict == "n/a" else f"{verdict} (t = {t:.1f})")])
-    seeds = f"{len(base)} seed{'s' if len(base) > 1 else ''}"
-    header = ["variant", "parameters", "s / epoch", f"{label} ({seeds})", "difference (points)", "beyond seed noise?"]
+    header = ["variant", "parameters", "s / epoch", f"{label} ({_count(len(base), 'seed')})", "difference (points)",
+              "beyond seed noise?"]
     if len({runs[0].params for runs in study.values()}) == 1:
         header, rows = header[:1] + header[2:], [row[:1] + row[2:] for row in rows]
     return markdown_table(header, rows)

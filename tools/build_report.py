@@ -320,7 +320,7 @@ def number_floats(nb):
         for output in _merge_streams(shown):
             meta = output.get("metadata", {}).get(FLOAT_KEY, {})
             if output.get("output_type") == "stream":
-                output["text"] = fold_training_logs("".join(output.get("text", "")), source)
+                output["text"] = fold_training_logs(output["text"], source)     # one string: merged
             if meta.get("caption_text"):
                 continue
             kind = _float_kind(output)
