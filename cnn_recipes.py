@@ -254,7 +254,8 @@ def cifar_recipe(x_train, seed=0, **changes):
                       in_channels=x_train.shape[1], identity=r["identity_init"], init=r["init"],
                       logit_scale=r["logit_scale"])
     kwargs = _fit_kwargs(r, seed, "warmup",
-                         augment=augmentation(crop=r["shift"], flip=r["flip"], pad=r["pad"]) if r["shift"] or r["flip"]
+                         augment=augmentation(crop=r["shift"], flip=r["flip"], pad=r["pad"], seed=seed)
+                         if r["shift"] or r["flip"]
                          else None,
                          label_smoothing=r["label_smoothing"], ema=r["ema"] or None)
     return model, _nesterov(r, _shift_lr(r)), kwargs

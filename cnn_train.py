@@ -301,10 +301,27 @@ def random_crop(x, rng, padding, mode="zeros"):
 
 def random_flip(x, rng):
     """Mirror a random half of the images left-right. x: (N, C, H, W)."""
-    flip = rng.random(len(x)) < 0.5
+    return mirror(x, rng.random(len(x)) < 0.5)
+
+
+def mirror(x, which):
+    """x (N, C, H, W) with the images where ``which`` (N,) bool is True mirrored left-right."""
     out = x.copy()
-    out[flip] = x[flip, :, :, ::-1]
+    out[which] = x[which, :, :, ::-1]
     return out
+
+
+def alternating_flips(index, epoch, seed=0):
+    """Which of the training images ``index`` (ints) to mirror in ``epoch``: a fixed
+    pseudo-random half in even epochs (bit(i) = 1, a hash of i and ``seed``), the other
+    half in odd ones. Every image is seen mirrored every other epoch, where random flips
+    show half the images the same way as in the epoch before, a view the network has
+    just learnt from (airbench's derandomized flips, Jordan 2024). Returns (len(index),) bool."""
+    z = np.asarray(index, dtype=np.uint64) + np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64)   # arrays wrap silently
+    for shift, factor in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):   # splitmix64's mixing:
+        z = (z ^ (z >> np.uint64(shift))) * np.uint64(factor)                       # each input bit moves
+    bit = (z ^ (z >> np.uint64(31))) >> np.uint64(63)                               # the top bit
+    return (bit == 1) != bool(epoch % 2)
 
 
 def affine(x, angle, zoom):
@@ -357,33 +374,44 @@ def random_affine(x, rng, degrees, zoom):
     return affine(x, angle, rng.uniform(1 - zoom, 1 + zoom, len(x)))
 
 
-def augmentation(crop=0, flip=False, rotate=0, zoom=0, pad="zeros"):
+def augmentation(crop=0, flip=False, rotate=0, zoom=0, pad="zeros", seed=0):
     """An ``augment(x, rng)`` for ``fit``: random rotations of up to ``rotate``
     degrees and zooms by up to ``zoom`` (a fraction: 0.1 = 10 %) (``random_affine``),
     then random shifts of up to ``crop`` pixels (the border filled as ``pad`` says,
-    ``random_crop``'s mode) and, if ``flip``, random horizontal mirroring (not for
-    digits: a mirrored 2 is no 2)."""
+    ``random_crop``'s mode) and, if ``flip``, horizontal mirroring (not for
+    digits: a mirrored 2 is no 2): a random half of each batch (``flip=True``), or
+    with ``flip="alternate"`` each image every other epoch (``alternating_flips``
+    with ``seed``: ``fit`` then calls ``augment(x, rng, index=, epoch=)``, the batch's
+    image indices and the epoch)."""
     if isinstance(crop, bool) or not isinstance(crop, (int, np.integer)) or crop < 0:
         raise ValueError(f"augmentation: crop (the largest shift, in pixels) must be an integer >= 0, got {crop!r}")
-    if not isinstance(flip, (bool, np.bool_)):
-        raise ValueError(f"augmentation: flip must be True or False, got {flip!r}")
-    crop, flip = int(crop), bool(flip)
+    if not (isinstance(flip, (bool, np.bool_)) or (isinstance(flip, str) and flip == "alternate")):
+        raise ValueError(f"augmentation: flip must be True, False or 'alternate', got {flip!r}")
+    crop, flip = int(crop), (flip if isinstance(flip, str) else bool(flip))
     rotate = _check_number("augmentation", "rotate (the largest angle, in degrees)", rotate, strict=False, below=180)
     zoom = _check_number("augmentation", "zoom (the largest change of size, a fraction)", zoom, strict=False, below=1)
     if pad not in PADDING_MODES:
         raise ValueError(f"augmentation: pad must be one of {PADDING_MODES}, got {pad!r}")
 
-    def augment(x, rng):
+    def augment(x, rng, index=None, epoch=None):
         if rotate or zoom:
             x = random_affine(x, rng, rotate, zoom)
         if crop:
             x = random_crop(x, rng, crop, pad)
+        if flip == "alternate":
+            if index is None or epoch is None:
+                raise ValueError("augmentation(flip='alternate'): call augment(x, rng, index=, epoch=) "
+                                 "with the batch's image indices and the epoch (fit does)")
+            return mirror(x, alternating_flips(index, epoch, seed))
         return random_flip(x, rng) if flip else x
+    augment.by_image = flip == "alternate"                             # fit passes index= and epoch=
     augment.settings = dict(crop=crop, flip=flip)                      # recorded with a saved run
     if rotate or zoom:              # only when used: runs saved before these existed still match
         augment.settings.update(rotate=rotate, zoom=zoom)
     if pad != "zeros":
         augment.settings.update(pad=pad)
+    if flip == "alternate":
+        augment.settings.update(seed=seed)
     return augment
 
 
@@ -695,7 +723,8 @@ def fit(model, x, y, optimizer, epochs, batch_size=64, validation=None, schedule
     ``per_step = True`` (``warmup_linear_schedule``), before every batch b with
     the fractional epoch e + b / batches (``history.lr`` then holds each epoch's
     last rate); ``augment(x_batch, rng) -> x_batch`` applied to
-    each training batch; ``clip_norm``: clip the gradients to this global norm
+    each training batch (``augment(x_batch, rng, index=, epoch=)`` when it has
+    ``by_image = True``: the batch's rows of x and the epoch, from 0); ``clip_norm``: clip the gradients to this global norm
     before each step (``clip_gradients``). Frozen layers are not trained.
     ``label_smoothing``: eps in [0, 1) for ``SoftmaxCrossEntropy`` (the training
     loss and ``history.train_loss`` use the smoothed targets).
@@ -742,7 +771,8 @@ def fit(model, x, y, optimizer, epochs, batch_size=64, validation=None, schedule
                 optimizer.lr = lrs[epoch][b]
             xb, yb = prepare_batch(x[index], dtype), y[index]
             if augment is not None:
-                xb = augment(xb, rng)
+                xb = augment(xb, rng, index=index, epoch=epoch) if getattr(augment, "by_image", False) \
+                    else augment(xb, rng)
             logits = model.forward(xb, training=True)
             loss = loss_fn.forward(logits, yb)
             if not math.isfinite(loss):

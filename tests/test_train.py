@@ -82,6 +82,7 @@ RESUME_SETTINGS = {
     "plain": {},
     "ema, label smoothing, per-step warm-up": dict(ema=0.9, label_smoothing=0.1,
                                                    schedule=T.warmup_linear_schedule(0.01, 4, warmup=0.3)),
+    "alternating flips (by epoch)": dict(augment=T.augmentation(crop=1, flip="alternate", seed=2)),
 }
 
 
@@ -178,6 +179,42 @@ def test_random_flip_mirrors_some_images_and_keeps_the_rest():
     assert T.augmentation()(x, np.random.default_rng(0)) is x
 
 
+def test_alternating_flips_mirror_each_image_every_other_epoch():
+    index = np.arange(2000)
+    even, odd = T.alternating_flips(index, 0, seed=3), T.alternating_flips(index, 1, seed=3)
+    assert 900 < even.sum() < 1100 and (even != odd).all()                  # half, then the other half
+    np.testing.assert_array_equal(T.alternating_flips(index, 4, seed=3), even)
+    np.testing.assert_array_equal(T.alternating_flips(index[::-7], 2, seed=3), even[::-7])   # by index, not position
+    assert 0.4 < (even == T.alternating_flips(index, 0, seed=4)).mean() < 0.6    # another seed, another half
+    x = np.random.default_rng(0).random((6, 2, 3, 4))
+    augment = T.augmentation(flip="alternate", seed=3)
+    assert augment.by_image and augment.settings == dict(crop=0, flip="alternate", seed=3)
+    rows = np.array([5, 17, 2, 40, 41, 8])
+    for epoch in (0, 1):
+        out, flips = augment(x, np.random.default_rng(0), index=rows, epoch=epoch), T.alternating_flips(rows, epoch, 3)
+        for o, i, f in zip(out, x, flips):
+            np.testing.assert_array_equal(o, i[..., ::-1] if f else i)
+    with pytest.raises(ValueError, match="index=, epoch="):
+        augment(x, np.random.default_rng(0))
+    assert not T.augmentation(flip=True).by_image
+
+
+def test_fit_tells_a_by_image_augmentation_which_rows_and_epoch():
+    model, x, y = tiny_problem(n=20)
+    seen = []
+
+    def augment(xb, rng, index, epoch):
+        seen.append((epoch, list(index)))
+        np.testing.assert_array_equal(xb, x[index])
+        return xb
+    augment.by_image = True
+    T.fit(model, x, y, T.SGD(0.1), epochs=2, batch_size=8, augment=augment, progress=False, log=None)
+    assert [e for e, _ in seen] == [0, 0, 0, 1, 1, 1]
+    for epoch in (0, 1):                                     # each epoch: every row once, shuffled
+        rows = [i for e, batch in seen if e == epoch for i in batch]
+        assert sorted(rows) == list(range(20)) and rows != list(range(20))
+
+
 def affine_loop(x, angle, zoom):
     """``T.affine`` pixel by pixel: the source point of each output pixel, then the
     four neighbours' weighted sum (bilinear), a neighbour outside the image counting 0."""
@@ -236,7 +273,7 @@ def test_random_affine_augmentation_draws_within_its_limits_and_records_its_sett
         with pytest.raises(ValueError, match=r"augmentation: (zoom|rotate) .* must be a number in \[0, "):
             T.augmentation(**bad)
     for bad, message in ((dict(crop=-1), "crop .* integer >= 0, got -1"), (dict(crop=2.5), "crop .* got 2.5"),
-                         (dict(crop=True), "crop .* got True"), (dict(flip="yes"), "flip must be True or False")):
+                         (dict(crop=True), "crop .* got True"), (dict(flip="yes"), "flip must be True, False or 'alternate'")):
         with pytest.raises(ValueError, match=f"augmentation: {message}"):
             T.augmentation(**bad)
     assert T.augmentation(crop=np.int64(2), flip=np.bool_(True)).settings == dict(crop=2, flip=True)
