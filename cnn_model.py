@@ -3,6 +3,7 @@ save/load) and the network builders used by the report."""
 from __future__ import annotations
 
 import json
+import math
 import zipfile
 import zlib
 from pathlib import Path
@@ -500,28 +501,33 @@ def _positive_int(where, name, value):
 
 
 def _patch_rows(x, k):
-    """Every k x k patch of the images x (n, C, H, W) as one row (n*(H-k+1)*(W-k+1), C*k*k),
-    entries in the order of a Conv2D filter W[f] (channel, row, column)."""
-    windows = sliding_window_view(x, (k, k), axis=(2, 3))            # (n, C, H', W', k, k)
-    return windows.transpose(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * k * k)
+    """Every k x k patch of the images x (n, C, H, W), or every run of k steps of the
+    sequences x (n, C, L), as one row (patches, C*k*k or C*k), entries in the order of a
+    Conv2D / Conv1D filter W[f] (channel, then row and column, or step)."""
+    axes = tuple(range(2, x.ndim))
+    windows = sliding_window_view(x, (k,) * len(axes), axis=axes)    # (n, C, H', W', k, k) or (n, C, L', k)
+    order = (0, *range(2, x.ndim), 1, *range(x.ndim, windows.ndim))  # (n, positions, C, k...)
+    return windows.transpose(order).reshape(-1, x.shape[1] * k ** len(axes))
 
 
-def whitening_conv(x, kernel_size=2, eps=5e-4, impl="vectorized", dtype=DEFAULT_DTYPE):
-    """A frozen ``Conv2D(C, 2*C*k*k, k, padding=0)`` that whitens the k x k
+def whitening_conv(x, kernel_size=2, eps=5e-4, components=None, impl="vectorized", dtype=DEFAULT_DTYPE):
+    """A frozen ``Conv2D(C, 2K, k, padding=0)`` that whitens the k x k
     patches of images like ``x`` (whitening initialisation, as in Page's and
-    Jordan's fast CIFAR-10 training).
+    Jordan's fast CIFAR-10 training); for sequences x (N, C, L) a ``Conv1D(C, 2K, k)``
+    that whitens their runs of k steps (the row-sequence model's stem).
 
-    x: (N, C, H, W) training images, floats or uint8 (scaled by 1/255 as ``fit``
-    does), H, W >= k. The images are standardised per channel (z = (x - m_c) / s_c),
-    every k x k patch p of z becomes a vector of D = C*k*k values, and Sigma
-    = Cov(p) = V diag(lambda) V^T. Filter i is v_i / sqrt(lambda_i + eps)
+    x: (N, C, H, W) training images or (N, C, L) sequences, floats or uint8 (scaled by
+    1/255 as ``fit`` does), sides >= k. The inputs are standardised per channel
+    (z = (x - m_c) / s_c), every patch p of z becomes a vector of D = C*k*k (C*k) values,
+    and Sigma = Cov(p) = V diag(lambda) V^T. Filter i is v_i / sqrt(lambda_i + eps)
     (strongest eigenvalue first) with bias -v_i . mean(p) / sqrt(lambda_i + eps),
     so on the data its outputs have mean 0 and covariance
     diag(lambda / (lambda + eps)), about the identity (``eps`` in standardised
-    units damps the directions of tiny variance, i.e. noise). The
-    standardisation is folded into the weights and bias, so the layer takes the
-    images as ``fit`` gives them. Filters D..2D-1 are the negatives of 0..D-1,
-    so a following ReLU keeps both signs of every component.
+    units damps the directions of tiny variance, i.e. noise). ``components``: keep
+    the K strongest directions (default all D: a 2 x 96 patch of two image rows has
+    192, most of them noise). The standardisation is folded into the weights and bias,
+    so the layer takes the inputs as ``fit`` gives them. Filters K..2K-1 are the negatives
+    of 0..K-1, so a following ReLU keeps both signs of every component.
     The covariance is accumulated exactly over all of x (in float64, in chunks):
     pass a few thousand images. The layer has ``trainable = False``.
     """
@@ -530,44 +536,51 @@ def whitening_conv(x, kernel_size=2, eps=5e-4, impl="vectorized", dtype=DEFAULT_
     if not (isinstance(eps, (int, float, np.floating)) and not isinstance(eps, bool)
             and np.isfinite(eps) and eps > 0):
         raise ValueError(f"whitening_conv: eps must be a finite number > 0, got {eps!r}")
-    if x.ndim != 4 or len(x) == 0 or min(x.shape[2:]) < k:
-        raise ValueError(f"whitening_conv: x must be a non-empty batch of images (N, C, H, W) with H, W >= "
-                         f"kernel_size ({k}), got shape {x.shape}")
+    if x.ndim not in (3, 4) or len(x) == 0 or min(x.shape[2:]) < k:
+        raise ValueError(f"whitening_conv: x must be a non-empty batch of images (N, C, H, W) or sequences "
+                         f"(N, C, L) with H, W or L >= kernel_size ({k}), got shape {x.shape}")
     if not (x.dtype == np.uint8 or np.issubdtype(x.dtype, np.floating)):
         raise ValueError(f"whitening_conv: x must hold floats or uint8 images, got dtype {x.dtype}")
     check_finite(x, "whitening_conv")
-    N, C, H, W = x.shape
-    D = C * k * k
-    chunk = max(1, (1 << 18) // ((H - k + 1) * (W - k + 1)))       # about 2**18 patches per product
+    N, C, *sides = x.shape
+    spatial = len(sides)                                            # 2: images, 1: sequences
+    D = C * k ** spatial
+    K = D if components is None else _positive_int("whitening_conv", "components", components)
+    if K > D:
+        raise ValueError(f"whitening_conv: components must be at most the patch size C*k^{spatial} = {D}, got {K}")
+    chunk = max(1, (1 << 18) // math.prod(side - k + 1 for side in sides))   # about 2**18 patches per product
     images = lambda: (prepare_batch(x[i:i + chunk], np.float64).astype(np.float64, copy=False)
                       for i in range(0, N, chunk))
+    per_channel = (slice(None),) + (None,) * spatial                 # m[:, None, None]: m_c over its channel
+    sums = (0, *range(2, x.ndim))
     # per-channel standardisation, then the patch mean and second moment of z
     pixels, m = 0, np.zeros(C)
     sq = np.zeros(C)
     for xb in images():
         pixels += xb.size // C
-        m += xb.sum(axis=(0, 2, 3))
-        sq += (xb * xb).sum(axis=(0, 2, 3))
+        m += xb.sum(axis=sums)
+        sq += (xb * xb).sum(axis=sums)
     m /= pixels
     s = np.sqrt(np.maximum(sq / pixels - m * m, 0))
     s[s == 0] = 1                                  # a constant channel: nothing to scale
     count, total, outer = 0, np.zeros(D), np.zeros((D, D))
     for xb in images():
-        p = _patch_rows((xb - m[:, None, None]) / s[:, None, None], k)
+        p = _patch_rows((xb - m[per_channel]) / s[per_channel], k)
         count += len(p)
         total += p.sum(axis=0)
         outer += p.T @ p
     mu = total / count
     cov = outer / count - np.outer(mu, mu)
     lam, V = np.linalg.eigh((cov + cov.T) / 2)
-    lam, V = np.maximum(lam[::-1], 0), V[:, ::-1]                 # strongest first
-    filters = (V / np.sqrt(lam + eps)).T                            # (D, D): filter i is row i, on z
+    lam, V = np.maximum(lam[::-1], 0)[:K], V[:, ::-1][:, :K]       # the K strongest first
+    filters = (V / np.sqrt(lam + eps)).T                            # (K, D): filter i is row i, on z
     bias = -filters @ mu
     # z = (x - m_c) / s_c: W z + b = (W / s_c) x + (b - sum W m_c / s_c)
-    Wz = filters.reshape(D, C, k, k)
-    Wx = Wz / s[None, :, None, None]
-    bias = bias - (Wz * (m / s)[None, :, None, None]).sum(axis=(1, 2, 3))
-    layer = Conv2D(C, 2 * D, k, padding=0, impl=impl, dtype=dtype)
+    Wz = filters.reshape(K, C, *(k,) * spatial)
+    Wx = Wz / s[(None,) + per_channel]
+    bias = bias - (Wz * (m / s)[(None,) + per_channel]).sum(axis=tuple(range(1, Wz.ndim)))
+    layer = (Conv2D(C, 2 * K, k, padding=0, impl=impl, dtype=dtype) if spatial == 2
+             else Conv1D(C, 2 * K, k, impl=impl, dtype=dtype))
     layer.params["W"][...] = np.concatenate([Wx, -Wx])
     layer.params["b"][...] = np.concatenate([bias, -bias])
     layer.trainable = False
@@ -652,19 +665,30 @@ def cifar_net(widths=(64, 128, 256), whiten=None, num_classes=10, input_size=32,
     return model
 
 
-def cifar_rows_conv1d(seed=0, dropout=0.1, init="he", logit_scale=None):
+def cifar_rows_conv1d(seed=0, dropout=0.1, init="he", logit_scale=None, whiten=None, components=None):
     """CIFAR-10 read as a sequence of its 32 rows by 1-D convolutions (notebook 7's
     row-sequence model): RowsToSequence turns x (N, 3, 32, 32) into (N, 96, 32),
     the 96 values of a row (32 pixels x RGB, interleaved) as channels; then
     ``conv_net`` with ``dims=1``: two blocks of 2 x (Conv1D k=3 -> BatchNorm -> ReLU)
     with 128 and 256 channels, each ending in MaxPool1D 2 (32 -> 16 -> 8 rows),
     Flatten (N, 2048) -> Dropout ``dropout`` -> Dense to 10 logits.
+    ``whiten``: None, or a sample of training images (N, 3, 32, 32) for a frozen stem
+    first, ``whitening_conv`` of their row sequences (runs of 2 rows, its ``components``
+    strongest directions and their negatives) -> ReLU (32 -> 31 -> 15 -> 7 rows).
     ``init`` and ``logit_scale``: as in ``cifar_net`` (the report's recipe,
     ``cnn_recipes.rows_conv1d_recipe``, passes "uniform" and 1/9)."""
     _check_init("cifar_rows_conv1d", init)
-    rows = conv_net(in_channels=96, input_size=32, channels=(128, 256), convs_per_block=2, batchnorm=True,
+    front, channels, length = [RowsToSequence()], 96, 32
+    if whiten is not None:
+        stem = whitening_conv(RowsToSequence().forward(as_batch_array(whiten, "cifar_rows_conv1d")), 2,
+                              components=components)
+        if stem.in_channels != channels:
+            raise ValueError(f"cifar_rows_conv1d: the whitening sample's rows have {stem.in_channels} values, "
+                             f"not 96 (32 pixels x RGB): pass CIFAR-10 images (N, 3, 32, 32)")
+        front, channels, length = front + [stem, ReLU()], stem.out_channels, length - 1
+    rows = conv_net(in_channels=channels, input_size=length, channels=(128, 256), convs_per_block=2, batchnorm=True,
                     hidden=0, dropout=dropout, dims=1, seed=seed)
-    return _airbench_start([RowsToSequence()] + rows.layers, seed, init, logit_scale)
+    return _airbench_start(front + rows.layers, seed, init, logit_scale)
 
 
 def _check_init(where, init):

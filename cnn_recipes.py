@@ -175,6 +175,7 @@ ROWS_CONV1D_RECIPE = dict(
     dropout=0.1,                                    # before the last layer
     bn_shift_lr=64,                                 # BatchNorm shifts (beta) at this many times lr
     init="uniform", logit_scale=1 / 9,              # M.cifar_rows_conv1d's start and scaling of the logits
+    whiten_images=0, whiten_components=None,        # a frozen whitening stem from this many images
 )
 
 MLP_RECIPE = dict(
@@ -246,10 +247,7 @@ def cifar_recipe(x_train, seed=0, **changes):
     ``ema=0`` keeps no average, ``shift=0, flip=False`` turns augmentation off,
     ``pad="zeros"`` shifts in a black border instead of the mirrored image."""
     r = _settings("cifar_recipe", CIFAR_RECIPE, changes)
-    whiten = None
-    if r["whiten_images"]:      # a random sample: a data set may be stored sorted by class
-        pick = np.random.default_rng(seed).choice(len(x_train), min(r["whiten_images"], len(x_train)), replace=False)
-        whiten = x_train[np.sort(pick)]
+    whiten = _whitening_sample("cifar_recipe", x_train, r["whiten_images"], seed)
     model = cifar_net(widths=r["widths"], whiten=whiten, seed=seed, input_size=x_train.shape[-1],
                       in_channels=x_train.shape[1], identity=r["identity_init"], init=r["init"],
                       logit_scale=r["logit_scale"])
@@ -259,6 +257,17 @@ def cifar_recipe(x_train, seed=0, **changes):
                          else None,
                          label_smoothing=r["label_smoothing"], ema=r["ema"] or None)
     return model, _nesterov(r, _shift_lr(r)), kwargs
+
+
+def _whitening_sample(where, x_train, n, seed):
+    """``n`` training images drawn at random (seeded), in their order, for a whitening
+    stem (a random sample: a data set may be stored sorted by class); None when n is 0."""
+    if not n:
+        return None
+    if x_train is None:
+        raise ValueError(f"{where}: whiten_images={n} needs the training images: pass x_train")
+    pick = np.random.default_rng(seed).choice(len(x_train), min(n, len(x_train)), replace=False)
+    return x_train[np.sort(pick)]
 
 
 def tta(task):
@@ -295,16 +304,19 @@ def mnist_rows_gru_recipe(seed=0, **changes):
     return _rows_gru("mnist_rows_gru_recipe", MNIST_ROWS_GRU_RECIPE, mnist_rows_gru(seed=seed), seed, changes)
 
 
-def rows_conv1d_recipe(seed=0, **changes):
+def rows_conv1d_recipe(seed=0, x_train=None, **changes):
     """``M.cifar_rows_conv1d`` (CIFAR-10 x (N, 3, 32, 32) read as 32 rows; its ``init``
     start, logits scaled by ``logit_scale``) trained like the CIFAR-10 recipe: ``SGD``
     with Nesterov momentum and weight decay, BatchNorm shifts at ``bn_shift_lr`` times
     the rate, a per-step ``warmup_linear_schedule``, label smoothing, weight averaging,
-    random shifts and flips: (model, optimizer, fit_kwargs) with ``ROWS_CONV1D_RECIPE``'s values."""
+    random shifts and flips: (model, optimizer, fit_kwargs) with ``ROWS_CONV1D_RECIPE``'s values.
+    With ``whiten_images``, the whitening stem's sample is drawn (seeded) from ``x_train``."""
     r = _settings("rows_conv1d_recipe", ROWS_CONV1D_RECIPE, changes)
     kwargs = _fit_kwargs(r, seed, "warmup", augment=augmentation(crop=r["shift"], flip=r["flip"]),
                          label_smoothing=r["label_smoothing"], ema=r["ema"] or None)
-    model = cifar_rows_conv1d(seed=seed, dropout=r["dropout"], init=r["init"], logit_scale=r["logit_scale"])
+    model = cifar_rows_conv1d(seed=seed, dropout=r["dropout"], init=r["init"], logit_scale=r["logit_scale"],
+                              whiten=_whitening_sample("rows_conv1d_recipe", x_train, r["whiten_images"], seed),
+                              components=r["whiten_components"])
     return model, _nesterov(r, _shift_lr(r)), kwargs
 
 

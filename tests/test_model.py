@@ -283,7 +283,7 @@ def test_whitening_conv_takes_uint8_images_like_fit_and_checks_its_input():
     a, b = M.whitening_conv(x8, 3), M.whitening_conv(x8.astype(np.float32) / 255, 3)
     np.testing.assert_allclose(a.params["W"], b.params["W"], rtol=1e-4)
     assert a.params["W"].shape == (18, 1, 3, 3)
-    for bad, message in [(x8[:, 0], r"\(N, C, H, W\)"), (x8[:, :, :2], "H, W >= kernel_size"),
+    for bad, message in [(x8[:, 0, 0], r"\(N, C, H, W\) or sequences"), (x8[:, :, :2], "H, W or L >= kernel_size"),
                          (x8.astype(np.int32), "dtype int32")]:
         with pytest.raises(ValueError, match=message):
             M.whitening_conv(bad, 3)
@@ -291,6 +291,28 @@ def test_whitening_conv_takes_uint8_images_like_fit_and_checks_its_input():
         M.whitening_conv(x8, 3, eps=0)
     with pytest.raises(ValueError, match="kernel_size must be"):
         M.whitening_conv(x8, 0)
+    with pytest.raises(ValueError, match=r"components must be at most the patch size C\*k\^2 = 9, got 10"):
+        M.whitening_conv(x8, 3, components=10)
+
+
+def test_whitening_conv_of_sequences_whitens_runs_of_k_steps_and_keeps_the_strongest():
+    """(N, C, L) sequences (image rows): a frozen Conv1D whose outputs on the data have the
+    identity covariance over each run of k steps; ``components`` keeps the strongest directions,
+    the same filters as the full layer's first ones."""
+    x = M.RowsToSequence().forward(correlated_images(n=60, size=8))           # (60, 24, 8): rows of 8 x RGB
+    layer = M.whitening_conv(x, kernel_size=2, eps=1e-9)
+    assert isinstance(layer, L.Conv1D) and layer.trainable is False
+    assert (layer.in_channels, layer.out_channels, layer.kernel_size) == (24, 96, 2)
+    out = layer.forward(x, training=False)[:, :48]                             # (60, 48, 7)
+    rows = out.transpose(0, 2, 1).reshape(-1, 48).astype(np.float64)
+    np.testing.assert_allclose(np.cov(rows, rowvar=False, bias=True), np.eye(48), atol=2e-3)
+    np.testing.assert_allclose(rows.mean(axis=0), 0, atol=2e-3)
+    patches = M._patch_rows(x, 2)                                              # by hand: the (c, q) order
+    np.testing.assert_array_equal(patches[1], np.asarray(x)[0, :, 1:3].reshape(-1))
+    few = M.whitening_conv(x, kernel_size=2, eps=1e-9, components=5)
+    assert few.out_channels == 10
+    np.testing.assert_allclose(np.abs(few.params["W"][:5]), np.abs(layer.params["W"][:5]), rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(few.params["W"][5:], -few.params["W"][:5])
 
 
 # ---------------------------------------------------------------- test-time augmentation
