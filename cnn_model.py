@@ -680,8 +680,8 @@ def cifar_rows_conv1d(seed=0, dropout=0.1, init="he", logit_scale=None, whiten=N
     _check_init("cifar_rows_conv1d", init)
     front, channels, length = [RowsToSequence()], 96, 32
     if whiten is not None:
-        stem = whitening_conv(RowsToSequence().forward(as_batch_array(whiten, "cifar_rows_conv1d")), 2,
-                              components=components)
+        images = prepare_batch(as_batch_array(whiten, "cifar_rows_conv1d"), np.float32)   # uint8: / 255, as fit
+        stem = whitening_conv(RowsToSequence().forward(images), 2, components=components)
         if stem.in_channels != channels:
             raise ValueError(f"cifar_rows_conv1d: the whitening sample's rows have {stem.in_channels} values, "
                              f"not 96 (32 pixels x RGB): pass CIFAR-10 images (N, 3, 32, 32)")

@@ -65,6 +65,20 @@ def test_cifar_recipe_whitens_from_a_random_sample_not_the_first_images():
     assert not np.allclose(model.layers[0].params["W"], M.whitening_conv(x[:20]).params["W"])
 
 
+def test_rows_recipe_whitening_stem_from_a_random_sample_of_the_rows():
+    x = np.random.default_rng(2).integers(0, 256, (40, 3, 32, 32), dtype=np.uint8)
+    model, _, _ = Q.rows_conv1d_recipe(seed=3, x_train=x, whiten_images=20, whiten_components=6)
+    stem = model.layers[1]
+    assert isinstance(stem, L.Conv1D) and not stem.trainable and stem.out_channels == 12
+    pick = np.sort(np.random.default_rng(3).choice(40, 20, replace=False))
+    rows = L.RowsToSequence().forward(x[pick] / np.float32(255))
+    np.testing.assert_allclose(stem.params["W"], M.whitening_conv(rows, 2, components=6).params["W"])
+    assert model.forward(x[:2].astype(np.float32), training=False).shape == (2, 10)
+    assert isinstance(Q.rows_conv1d_recipe()[0].layers[1], L.Conv1D) and Q.rows_conv1d_recipe()[0].layers[1].trainable
+    with pytest.raises(ValueError, match="whiten_images=20 needs the training images: pass x_train"):
+        Q.rows_conv1d_recipe(whiten_images=20)
+
+
 def test_mnist_study_runs_every_variant_per_seed_under_its_saved_run_name():
     """The run names are how the saved runs are found again: they must not change."""
     assert list(Q.MNIST_STUDY) == [
