@@ -74,9 +74,10 @@ def test_rows_recipe_whitening_stem_from_a_random_sample_of_the_rows():
     rows = L.RowsToSequence().forward(x[pick] / np.float32(255))
     np.testing.assert_allclose(stem.params["W"], M.whitening_conv(rows, 2, components=6).params["W"])
     assert model.forward(x[:2].astype(np.float32), training=False).shape == (2, 10)
-    assert isinstance(Q.rows_conv1d_recipe()[0].layers[1], L.Conv1D) and Q.rows_conv1d_recipe()[0].layers[1].trainable
-    with pytest.raises(ValueError, match="whiten_images=20 needs the training images: pass x_train"):
-        Q.rows_conv1d_recipe(whiten_images=20)
+    plain = Q.rows_conv1d_recipe(whiten_images=0)[0].layers[1]
+    assert isinstance(plain, L.Conv1D) and plain.trainable and plain.in_channels == 96
+    with pytest.raises(ValueError, match="whiten_images=5000 needs the training images: pass x_train"):
+        Q.rows_conv1d_recipe()
 
 
 def test_mnist_study_runs_every_variant_per_seed_under_its_saved_run_name():
@@ -145,14 +146,15 @@ def _same_run(built, inline):
                               old_kwargs["augment"](x, np.random.default_rng(7)))
 
 
-def _rows_validation_run(epochs):
-    """The row-sequence run as the validation script of 2026-11-27 built it by hand: the
-    He-started network, every Conv1D and Dense redrawn uniform from the rng [0, 1], a
+def _rows_validation_run(epochs, x):
+    """The row-sequence run as the validation scripts of 2026-11-27 built it by hand: the
+    He-started network behind a whitening stem from 5,000 (here all) images of x (48
+    directions), every trained Conv1D and Dense redrawn uniform from the rng [0, 1], a
     last Scale(1/9), and the CIFAR-10 recipe's optimiser, schedule and averaging."""
-    model = M.cifar_rows_conv1d(seed=0, dropout=0.1)
+    model = M.cifar_rows_conv1d(seed=0, dropout=0.1, whiten=x, components=48)
     rng = np.random.default_rng([0, 1])
     for layer in model.layers:
-        if isinstance(layer, (L.Conv1D, L.Dense)):
+        if isinstance(layer, (L.Conv1D, L.Dense)) and layer.trainable:
             layer.initialize(rng, "uniform")
     model.layers.append(L.Scale(1 / 9))
     return (model, T.SGD(0.1875, momentum=0.85, nesterov=True, weight_decay=1.33e-3, lr_scale={"beta": 64}),
@@ -167,7 +169,8 @@ def test_rows_conv1d_and_mlp_recipes_are_the_runs_that_chose_them(epochs):
     "cifar_mlp" stays valid (train_or_load reuses it)."""
     changes = {} if epochs == 15 else {"epochs": 1}
     mlp_epochs = 8 if epochs == 15 else 1
-    _same_run(Q.rows_conv1d_recipe(**changes), _rows_validation_run(epochs))
+    x = np.random.default_rng(4).random((100, 3, 32, 32), dtype=np.float32)
+    _same_run(Q.rows_conv1d_recipe(x_train=x, **changes), _rows_validation_run(epochs, x))
     mlp_inline = (M.Sequential([L.Flatten(), L.Dense(3 * 32 * 32, 512), L.ReLU(), L.Dropout(0.3), L.Dense(512, 10)],
                                seed=0),
                   T.Adam(1e-3), dict(batch_size=64, schedule=T.cosine_schedule(1e-3, mlp_epochs, lr_min=1e-5),
@@ -179,7 +182,7 @@ def test_rows_conv1d_and_mlp_recipes_change_settings_and_refuse_typos():
     model, optimizer, kwargs = Q.mlp_recipe(seed=1, lr=2e-3, epochs=2)
     assert optimizer.lr == 2e-3 and kwargs["epochs"] == 2 and kwargs["seed"] == 1
     assert not np.array_equal(model.layers[1].params["W"], Q.mlp_recipe()[0].layers[1].params["W"])
-    _, optimizer, kwargs = Q.rows_conv1d_recipe(momentum=0.5, shift=0, flip=False)
+    _, optimizer, kwargs = Q.rows_conv1d_recipe(momentum=0.5, shift=0, flip=False, whiten_images=0)
     x = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
     assert optimizer.momentum == 0.5 and np.array_equal(kwargs["augment"](x, np.random.default_rng(0)), x)
     with pytest.raises(ValueError, match=r"rows_conv1d_recipe: unknown settings \['lr_max'\]"):
