@@ -174,7 +174,8 @@ MNIST_ROWS_GRU_RECIPE = {**ROWS_GRU_RECIPE, "epochs": 3}     # MNIST's 28 short 
 # directions and their negatives, then ReLU, in front of the same network (as the 2-D CNN's 2x2 stem, in 1-D):
 # K = 48, 15 epochs: 77.36 %, with the TTA 77.94 % (the recipe without it: 74.84 %, 75.58 %); K = 24: 74.78 %
 # (75.64 %): too few directions; K = 96 (twice the stem's outputs, a third more work for the first convolution)
-# with 13 epochs for the same time: 75.86 % (76.78 %). Adopted on 2026-11-27 with K = 48.
+# with 13 epochs for the same time: 75.86 % (76.78 %); K = 64: 76.94 % (78.06 %); K = 48 with eps 0.05 instead of
+# 5e-4 (the weaker kept directions damped): 77.20 % (78.12 %). Adopted on 2026-11-27 with K = 48 and eps 5e-4.
 ROWS_CONV1D_RECIPE = dict(
     epochs=15, batch_size=128,
     lr=0.1875, momentum=0.85, weight_decay=1.33e-3,  # SGD with Nesterov momentum: CIFAR_RECIPE's values
