@@ -524,8 +524,8 @@ def whitening_conv(x, kernel_size=2, eps=5e-4, components=None, impl="vectorized
     so on the data its outputs have mean 0 and covariance
     diag(lambda / (lambda + eps)), about the identity (``eps`` in standardised
     units damps the directions of tiny variance, i.e. noise). ``components``: keep
-    the K strongest directions (default all D: a 2 x 96 patch of two image rows has
-    192, most of them noise). The standardisation is folded into the weights and bias,
+    the K strongest directions (default all D; a patch of two 96-value image rows has
+    192, the weakest of them pixel-to-pixel noise that whitening would amplify most). The standardisation is folded into the weights and bias,
     so the layer takes the inputs as ``fit`` gives them. Filters K..2K-1 are the negatives
     of 0..K-1, so a following ReLU keeps both signs of every component.
     The covariance is accumulated exactly over all of x (in float64, in chunks):
@@ -674,7 +674,8 @@ def cifar_rows_conv1d(seed=0, dropout=0.1, init="he", logit_scale=None, whiten=N
     Flatten (N, 2048) -> Dropout ``dropout`` -> Dense to 10 logits.
     ``whiten``: None, or a sample of training images (N, 3, 32, 32) for a frozen stem
     first, ``whitening_conv`` of their row sequences (runs of 2 rows, its ``components``
-    strongest directions and their negatives) -> ReLU (32 -> 31 -> 15 -> 7 rows).
+    strongest directions and their negatives) -> ReLU: 32 -> 31 -> 15 -> 7 rows, Flatten (N, 1792)
+    (the report's recipe: 5,000 images, 48 directions, so the stem hands on 96 channels as a row has).
     ``init`` and ``logit_scale``: as in ``cifar_net`` (the report's recipe,
     ``cnn_recipes.rows_conv1d_recipe``, passes "uniform" and 1/9)."""
     _check_init("cifar_rows_conv1d", init)
