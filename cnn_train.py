@@ -318,9 +318,9 @@ def alternating_flips(index, epoch, seed=0):
     show half the images the same way as in the epoch before, a view the network has
     just learnt from (airbench's derandomized flips, Jordan 2024). Returns (len(index),) bool."""
     z = np.asarray(index, dtype=np.uint64) + np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64)   # arrays wrap silently
-    for shift, factor in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):   # splitmix64's mixing:
-        z = (z ^ (z >> np.uint64(shift))) * np.uint64(factor)                       # each input bit moves
-    bit = (z ^ (z >> np.uint64(31))) >> np.uint64(63)                               # the top bit
+    for shift, factor in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):   # splitmix64's finaliser:
+        z = (z ^ (z >> np.uint64(shift))) * np.uint64(factor)                       # every bit of the index
+    bit = (z ^ (z >> np.uint64(31))) >> np.uint64(63)                               # sways the top bit
     return (bit == 1) != bool(epoch % 2)
 
 
