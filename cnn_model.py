@@ -603,6 +603,33 @@ def identity_filters(conv):
     return conv
 
 
+def _check_widths(where, widths):
+    """``widths`` as a tuple; a ``ValueError`` unless it is a non-empty sequence of positive integers."""
+    widths = tuple(widths) if isinstance(widths, (tuple, list)) else widths
+    if not isinstance(widths, tuple) or not widths:
+        raise ValueError(f"{where}: widths must be a non-empty tuple of positive integers, got {widths!r}")
+    for w in widths:
+        _positive_int(where, "each width", w)
+    return widths
+
+
+def _airbench_blocks(channels, size, widths, dims, act=ReLU, impl="vectorized", dtype=DEFAULT_DTYPE):
+    """airbench's blocks, one per width w of ``widths``: conv 3 ('same') -> max-pool 2 ->
+    BatchNorm -> act -> conv 3 -> BatchNorm -> act, on ``channels`` inputs of size ``size``;
+    ``dims=2``: Conv2D/MaxPool2D on images, 1: Conv1D/MaxPool1D on sequences. Pooling
+    right after the first convolution halves the second's work. Returns (layers, the size
+    left after the pools: size halved, rounded down, once per block)."""
+    conv, pool = (Conv2D, MaxPool2D) if dims == 2 else (Conv1D, MaxPool1D)
+    layers, c = [], channels
+    for w in widths:
+        layers += [conv(c, w, 3, padding=1, impl=impl, dtype=dtype), pool(2, impl=impl),
+                   BatchNorm(w, impl=impl, dtype=dtype), act(impl=impl),
+                   conv(w, w, 3, padding=1, impl=impl, dtype=dtype), BatchNorm(w, impl=impl, dtype=dtype),
+                   act(impl=impl)]
+        size, c = size // 2, w
+    return layers, size
+
+
 def cifar_net(widths=(64, 128, 256), whiten=None, num_classes=10, input_size=32, in_channels=3, seed=0,
               eps=5e-4, identity=False, activation="relu", init="he", logit_scale=None, impl="vectorized",
               dtype=DEFAULT_DTYPE):
@@ -625,11 +652,7 @@ def cifar_net(widths=(64, 128, 256), whiten=None, num_classes=10, input_size=32,
     (the remaining size is computed: 32 -> 31 -> 15 -> 7 -> 3 -> 1).
     """
     where = "cifar_net"
-    widths = tuple(widths) if isinstance(widths, (tuple, list)) else widths
-    if not isinstance(widths, tuple) or not widths:
-        raise ValueError(f"{where}: widths must be a non-empty tuple of positive integers, got {widths!r}")
-    for w in widths:
-        _positive_int(where, "each width", w)
+    widths = _check_widths(where, widths)
     num_classes = _positive_int(where, "num_classes", num_classes)
     size = _positive_int(where, "input_size", input_size)
     in_channels = _positive_int(where, "in_channels", in_channels)
@@ -645,17 +668,12 @@ def cifar_net(widths=(64, 128, 256), whiten=None, num_classes=10, input_size=32,
         if stem.in_channels != in_channels:
             raise ValueError(f"{where}: the whitening sample has {stem.in_channels} channels but "
                              f"in_channels is {in_channels}")
-    layers, c, size = [stem, act(impl=impl)], stem.out_channels, size - 1
-    for w in widths:
-        layers += [Conv2D(c, w, 3, padding=1, impl=impl, dtype=dtype), MaxPool2D(2, impl=impl),
-                   BatchNorm(w, impl=impl, dtype=dtype), act(impl=impl),
-                   Conv2D(w, w, 3, padding=1, impl=impl, dtype=dtype), BatchNorm(w, impl=impl, dtype=dtype),
-                   act(impl=impl)]
-        size //= 2
-        if size < 1:
-            raise ValueError(f"{where}: input_size {input_size} is too small for {len(widths)} blocks "
-                             f"(each halves the size after the 2x2 stem); use fewer widths or larger images")
-        c = w
+    blocks, size = _airbench_blocks(stem.out_channels, size - 1, widths, 2, act, impl, dtype)
+    if size < 1:
+        raise ValueError(f"{where}: input_size {input_size} is too small for {len(widths)} blocks "
+                         f"(each halves the size after the 2x2 stem); use fewer widths or larger images")
+    c = widths[-1]
+    layers = [stem, act(impl=impl)] + blocks
     layers += [MaxPool2D(size, impl=impl), Flatten(), Dense(c, num_classes, impl=impl, dtype=dtype)]
     model = _airbench_start(layers, seed, init, logit_scale, impl)
     if identity:
@@ -665,31 +683,40 @@ def cifar_net(widths=(64, 128, 256), whiten=None, num_classes=10, input_size=32,
     return model
 
 
-def cifar_rows_conv1d(seed=0, dropout=0.1, init="he", logit_scale=None, whiten=None, components=None):
+def cifar_rows_conv1d(seed=0, widths=(128, 256, 256), dropout=0.1, init="he", logit_scale=None, whiten=None,
+                      components=None):
     """CIFAR-10 read as a sequence of its 32 rows by 1-D convolutions (notebook 7's
     row-sequence model): RowsToSequence turns x (N, 3, 32, 32) into (N, 96, 32),
-    the 96 values of a row (32 pixels x RGB, interleaved) as channels; then
-    ``conv_net`` with ``dims=1``: two blocks of 2 x (Conv1D k=3 -> BatchNorm -> ReLU)
-    with 128 and 256 channels, each ending in MaxPool1D 2 (32 -> 16 -> 8 rows),
-    Flatten (N, 2048) -> Dropout ``dropout`` -> Dense to 10 logits.
+    the 96 values of a row (32 pixels x RGB, interleaved) as channels; then one
+    airbench block per width of ``widths`` (``_airbench_blocks`` in 1-D: Conv1D k=3 ->
+    MaxPool1D 2 -> BatchNorm -> ReLU -> Conv1D k=3 -> BatchNorm -> ReLU), each halving
+    the rows (32 -> 16 -> 8 -> 4), Flatten (N, 4 * 256) -> Dropout ``dropout`` -> Dense
+    to 10 logits. The rows left are flattened, not max-pooled as in ``cifar_net``: a
+    feature's vertical place is all the position this model has.
     ``whiten``: None, or a sample of training images (N, 3, 32, 32) for a frozen stem
     first, ``whitening_conv`` of their row sequences (runs of 2 rows, its ``components``
-    strongest directions and their negatives) -> ReLU: 32 -> 31 -> 15 -> 7 rows, Flatten (N, 1792)
+    strongest directions and their negatives) -> ReLU: 32 -> 31 -> 15 -> 7 -> 3 rows, Flatten (N, 768)
     (the report's recipe: 5,000 images, 48 directions, so the stem hands on 96 channels as a row has).
     ``init`` and ``logit_scale``: as in ``cifar_net`` (the report's recipe,
     ``cnn_recipes.rows_conv1d_recipe``, passes "uniform" and 1/9)."""
-    _check_init("cifar_rows_conv1d", init)
+    where = "cifar_rows_conv1d"
+    _check_init(where, init)
+    widths = _check_widths(where, widths)
     front, channels, length = [RowsToSequence()], 96, 32
     if whiten is not None:
-        images = prepare_batch(as_batch_array(whiten, "cifar_rows_conv1d"), np.float32)   # uint8: / 255, as fit
+        images = prepare_batch(as_batch_array(whiten, where), np.float32)   # uint8: / 255, as fit
         stem = whitening_conv(RowsToSequence().forward(images), 2, components=components)
         if stem.in_channels != channels:
-            raise ValueError(f"cifar_rows_conv1d: the whitening sample's rows have {stem.in_channels} values, "
+            raise ValueError(f"{where}: the whitening sample's rows have {stem.in_channels} values, "
                              f"not 96 (32 pixels x RGB): pass CIFAR-10 images (N, 3, 32, 32)")
         front, channels, length = front + [stem, ReLU()], stem.out_channels, length - 1
-    rows = conv_net(in_channels=channels, input_size=length, channels=(128, 256), convs_per_block=2, batchnorm=True,
-                    hidden=0, dropout=dropout, dims=1, seed=seed)
-    return _airbench_start(front + rows.layers, seed, init, logit_scale)
+    rows = length
+    blocks, length = _airbench_blocks(channels, length, widths, 1)
+    if length < 1:
+        raise ValueError(f"{where}: {len(widths)} blocks halve the {rows} rows to none; "
+                         f"use at most {rows.bit_length() - 1} widths")
+    head = [Flatten(), Dropout(dropout), Dense(widths[-1] * length, 10)]
+    return _airbench_start(front + blocks + head, seed, init, logit_scale)
 
 
 def _check_init(where, init):

@@ -91,7 +91,7 @@ NETWORKS = {
                                "T.SGD(0.1875, momentum=0.85, nesterov=True, weight_decay=1.33e-3)",
                                "T.augmentation(crop=2, flip=True)", {"seconds": 60.0, "peak_rss_mb": 2000.0},
                                batch=128, fit="dict(ema=0.998, label_smoothing=0.2)")),
-    "rows": Network("row-sequence network (notebook 7: rows as 32 vectors of 96, Conv1D 128/256)",
+    "rows": Network("row-sequence network (notebook 7: rows as 32 vectors of 96, Conv1D blocks 128/256/256)",
                     "M.cifar_rows_conv1d(seed=0)", (3, 32, 32)),    # He start, no Scale(1/9): the same work
 }
 STEP_OPTIMIZER = "T.SGD(0.01, momentum=0.9)"           # the training step: SGD with momentum

@@ -514,31 +514,59 @@ def test_mnist_net_v2_blocks_pool_before_normalising():
     assert M.mnist_net_v2(channels=(8,), hidden=16).forward(np.zeros((1, 1, 28, 28), np.float32)).shape == (1, 10)
 
 
-def test_cifar_rows_conv1d_is_notebook_7s_row_sequence_network():
-    """The builder's default (He start, no logit scale) is the network notebook 4 (now 7)
-    built inline (same layers, same initial weights): the start the recipe's uniform
-    redraw and Scale(1/9) are applied to (tests/test_recipes.py's _rows_validation_run)."""
-    inline = M.Sequential([L.RowsToSequence()] + M.conv_net(
-        in_channels=96, input_size=32, channels=(128, 256), convs_per_block=2, batchnorm=True,
-        hidden=0, dropout=0.1, dims=1, seed=0).layers, seed=0)
+def test_cifar_rows_conv1d_is_airbench_blocks_in_1d():
+    """The default (He start, no logit scale, no stem): RowsToSequence, then per width
+    Conv1D -> MaxPool1D -> BatchNorm -> ReLU -> Conv1D -> BatchNorm -> ReLU (cifar_net's
+    blocks, in 1-D), the 4 rows left flattened -> Dropout -> Dense; the seed sets the start."""
     built = M.cifar_rows_conv1d(seed=0)
-    assert [layer.label() for layer in built.layers] == [layer.label() for layer in inline.layers]
+    block = lambda c, w: [f"Conv1D {c}->{w} k3 pad 1", "MaxPool1D 2", f"BatchNorm {w}", "ReLU",
+                          f"Conv1D {w}->{w} k3 pad 1", f"BatchNorm {w}", "ReLU"]
+    assert [layer.label() for layer in built.layers] == (
+        ["RowsToSequence"] + block(96, 128) + block(128, 256) + block(256, 256)
+        + ["Flatten", "Dropout 0.1", "Dense 1024->10"])
     assert isinstance(built.layers[0], L.RowsToSequence) and built.layers[0].layout == "NCL"
-    for (key, p, _), (other_key, q, _) in zip(built.parameters(), inline.parameters(), strict=True):
-        assert key == other_key and np.array_equal(p, q)
+    assert [layer.label() for layer in M.cifar_net(widths=(8,)).layers[2:9]] == [
+        "Conv2D 24->8 3x3 pad 1", "MaxPool2D 2x2", "BatchNorm 8", "ReLU", "Conv2D 8->8 3x3 pad 1", "BatchNorm 8",
+        "ReLU"]                                                   # the same blocks in 2-D
     assert built.forward(np.zeros((2, 3, 32, 32), np.float32), training=False).shape == (2, 10)
     other_seed = M.cifar_rows_conv1d(seed=1)
     assert not np.array_equal(other_seed.layers[1].params["W"], built.layers[1].params["W"])
+    small = M.cifar_rows_conv1d(widths=(4, 4, 4, 4, 4))              # 32 -> 16 -> 8 -> 4 -> 2 -> 1 rows
+    assert small.layers[-1].in_features == 4 and small.forward(np.zeros((1, 3, 32, 32)), training=False).shape == (1, 10)
+    with pytest.raises(ValueError, match="6 blocks halve the 32 rows to none; use at most 5 widths"):
+        M.cifar_rows_conv1d(widths=(4,) * 6)
+    with pytest.raises(ValueError, match="cifar_rows_conv1d: widths must be a non-empty tuple"):
+        M.cifar_rows_conv1d(widths=())
+    with pytest.raises(ValueError, match="cifar_rows_conv1d: each width must be a positive integer"):
+        M.cifar_rows_conv1d(widths=(8, 0))
+
+
+def test_airbench_blocks_in_1d_gradient():
+    """Every parameter of two float64 airbench blocks on sequences (N, C, L), as in the
+    row-sequence model; the conv biases right before a max pool or BatchNorm are cancelled
+    (true gradient 0) and checked to be ~0 instead, as in test_cifar_net_gradient."""
+    blocks, length = M._airbench_blocks(2, 9, (3, 4), 1, dtype=F64)
+    assert length == 2                                                   # 9 -> 4 -> 2
+    model = M.Sequential(blocks + [L.Flatten(), L.Dense(4 * length, 10, dtype=F64)], seed=1)
+    rng = np.random.default_rng(2)
+    errors = G.gradient_errors(model, rng.standard_normal((3, 2, 9)), np.array([0, 4, 9]))      # x, 4 W, 4 b, 8 BN, Dense
+    cancelled = {f"{i}.b" for i, layer in enumerate(model.layers[:-1])
+                 if isinstance(layer, L.Conv1D) and isinstance(model.layers[i + 1], (L.MaxPool1D, L.BatchNorm))}
+    assert len(cancelled) == 4
+    for key in cancelled:
+        assert np.abs(model.layers[int(key.split(".")[0])].grads["b"]).max() < 1e-12
+    checked = {key: error for key, error in errors.items() if key not in cancelled}
+    assert len(checked) == 15 and max(checked.values()) < TOLERANCE, checked
 
 
 def test_cifar_rows_conv1d_uniform_start_and_logit_scale():
-    """init="uniform" redraws all five weighted layers within PyTorch's limit, logit_scale
+    """init="uniform" redraws all seven weighted layers within PyTorch's limit, logit_scale
     appends a Scale that multiplies the logits, and a bad init is refused by name."""
     he, uniform = M.cifar_rows_conv1d(seed=0), M.cifar_rows_conv1d(seed=0, init="uniform", logit_scale=0.5)
     assert isinstance(uniform.layers[-1], L.Scale) and uniform.layers[-1].s == 0.5
     assert [layer.label() for layer in uniform.layers[:-1]] == [layer.label() for layer in he.layers]
     weighted = [layer for layer in uniform.layers if isinstance(layer, (L.Conv1D, L.Dense))]
-    assert len(weighted) == 5
+    assert len(weighted) == 7
     for layer in weighted:          # uniform within PyTorch's limit, not He's wider normal
         limit, W = 1 / np.sqrt(layer.fan_in), layer.params["W"]
         assert 0.9 * limit < np.abs(W).max() <= limit

@@ -147,11 +147,18 @@ def _same_run(built, inline):
 
 
 def _rows_validation_run(epochs, x):
-    """The row-sequence run as the validation scripts of 2026-11-27 built it by hand: the
-    He-started network behind a whitening stem from 5,000 (here all) images of x (48
-    directions), every trained Conv1D and Dense redrawn uniform from the rng [0, 1], a
-    last Scale(1/9), and the CIFAR-10 recipe's optimiser, schedule and averaging."""
-    model = M.cifar_rows_conv1d(seed=0, dropout=0.1, whiten=x, components=48)
+    """The row-sequence run as the validation script of 2026-11-27 (session 18) built it by hand: a
+    whitening stem from 5,000 (here all) images of x (48 directions) -> ReLU, three
+    airbench blocks in 1-D of widths 128/256/256, the 3 rows left flattened -> Dropout 0.1
+    -> Dense, He-started, every trained Conv1D and Dense redrawn uniform from the rng
+    [0, 1], a last Scale(1/9), and the CIFAR-10 recipe's optimiser, schedule and averaging."""
+    stem = M.whitening_conv(L.RowsToSequence().forward(x), 2, components=48)
+    layers, c = [L.RowsToSequence(), stem, L.ReLU()], 96
+    for w in (128, 256, 256):
+        layers += [L.Conv1D(c, w, 3, padding=1), L.MaxPool1D(2), L.BatchNorm(w), L.ReLU(),
+                   L.Conv1D(w, w, 3, padding=1), L.BatchNorm(w), L.ReLU()]
+        c = w
+    model = M.Sequential(layers + [L.Flatten(), L.Dropout(0.1), L.Dense(256 * 3, 10)], seed=0)
     rng = np.random.default_rng([0, 1])
     for layer in model.layers:
         if isinstance(layer, (L.Conv1D, L.Dense)) and layer.trainable:
