@@ -410,16 +410,23 @@ def test_cifar_net_gradient():
     BatchNorm is cancelled by the normalisation: its true gradient is 0 and its relative error
     means nothing, so those are checked to be ~0 instead."""
     model = M.cifar_net(widths=(2, 3), in_channels=1, input_size=8, seed=1, dtype=F64)
-    rng = np.random.default_rng(2)
-    x, y = rng.standard_normal((3, 1, 8, 8)), np.array([0, 4, 9])
-    errors = G.gradient_errors(model, x, y)
+    _check_blocks_gradient(model, np.random.default_rng(2).standard_normal((3, 1, 8, 8)))
+
+
+def _check_blocks_gradient(model, x):
+    """Float64 gradient check of a network of two airbench blocks (2-D or 1-D) on x with
+    labels 0, 4, 9; the 4 conv biases cancelled by the max pool and BatchNorm right after
+    them must have a gradient of ~0. Returns the number of other arrays checked."""
+    errors = G.gradient_errors(model, x, np.array([0, 4, 9]))
     cancelled = {f"{i}.b" for i, layer in enumerate(model.layers[:-1])
-                 if isinstance(layer, L.Conv2D) and isinstance(model.layers[i + 1], (L.MaxPool2D, L.BatchNorm))}
+                 if isinstance(layer, (L.Conv2D, L.Conv1D))
+                 and isinstance(model.layers[i + 1], (L.MaxPool2D, L.MaxPool1D, L.BatchNorm))}
     assert len(cancelled) == 4
     for key in cancelled:
         assert np.abs(model.layers[int(key.split(".")[0])].grads["b"]).max() < 1e-12
     checked = {key: error for key, error in errors.items() if key not in cancelled}
     assert max(checked.values()) < TOLERANCE, checked
+    return len(checked)
 
 
 # ---------------------------------------------------------------- GELU
@@ -543,20 +550,12 @@ def test_cifar_rows_conv1d_is_airbench_blocks_in_1d():
 
 def test_airbench_blocks_in_1d_gradient():
     """Every parameter of two float64 airbench blocks on sequences (N, C, L), as in the
-    row-sequence model; the conv biases right before a max pool or BatchNorm are cancelled
-    (true gradient 0) and checked to be ~0 instead, as in test_cifar_net_gradient."""
+    row-sequence model (the cancelled conv biases checked to be ~0, as in test_cifar_net_gradient)."""
     blocks, length = M._airbench_blocks(2, 9, (3, 4), 1, dtype=F64)
     assert length == 2                                                   # 9 -> 4 -> 2
     model = M.Sequential(blocks + [L.Flatten(), L.Dense(4 * length, 10, dtype=F64)], seed=1)
-    rng = np.random.default_rng(2)
-    errors = G.gradient_errors(model, rng.standard_normal((3, 2, 9)), np.array([0, 4, 9]))      # x, 4 W, 4 b, 8 BN, Dense
-    cancelled = {f"{i}.b" for i, layer in enumerate(model.layers[:-1])
-                 if isinstance(layer, L.Conv1D) and isinstance(model.layers[i + 1], (L.MaxPool1D, L.BatchNorm))}
-    assert len(cancelled) == 4
-    for key in cancelled:
-        assert np.abs(model.layers[int(key.split(".")[0])].grads["b"]).max() < 1e-12
-    checked = {key: error for key, error in errors.items() if key not in cancelled}
-    assert len(checked) == 15 and max(checked.values()) < TOLERANCE, checked
+    checked = _check_blocks_gradient(model, np.random.default_rng(2).standard_normal((3, 2, 9)))
+    assert checked == 15                                      # x, 4 W, 4 gamma, 4 beta, the Dense's W and b
 
 
 def test_cifar_rows_conv1d_uniform_start_and_logit_scale():
