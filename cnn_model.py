@@ -617,8 +617,8 @@ def _airbench_blocks(channels, size, widths, dims, act=ReLU, impl="vectorized", 
     """airbench's blocks, one per width w of ``widths``: conv 3 ('same') -> max-pool 2 ->
     BatchNorm -> act -> conv 3 -> BatchNorm -> act, on ``channels`` inputs of size ``size``;
     ``dims=2``: Conv2D/MaxPool2D on images, 1: Conv1D/MaxPool1D on sequences. Pooling
-    right after the first convolution halves the second's work. Returns (layers, the size
-    left after the pools: size halved, rounded down, once per block)."""
+    right after the first convolution leaves the second a quarter of the positions (a half
+    in 1-D). Returns (layers, the size left: size halved, rounded down, once per block)."""
     conv, pool = (Conv2D, MaxPool2D) if dims == 2 else (Conv1D, MaxPool1D)
     layers, c = [], channels
     for w in widths:
