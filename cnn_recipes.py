@@ -191,7 +191,10 @@ MNIST_ROWS_GRU_RECIPE = {**ROWS_GRU_RECIPE, "epochs": 3}     # MNIST's 28 short 
 # dropout 0.25 77.88 % (78.78 %); shifts of up to 3 pixels 78.12 % (78.76 %): none better beyond a seed's noise.
 # Other test-time views on the three seeds' models: shifts of 1 and 2 pixels in the four directions with
 # their mirrors (18 views) 79.24 / 79.44 / 79.30 %, +0.1 to +0.24 points; only horizontal shifts, or diagonal
-# ones too, -0.2 to +0.1: not adopted. With the old blocks, the stem over 3 rows instead of 2: 76.42 % (77.14 %).
+# ones too, -0.2 to +0.1: not adopted. A stem with stride 2 (16 rows, half the work after it, spent on wider
+# blocks or more epochs): widths 176/352/352 with 64 directions, 15 epochs, 76.62 % (78.88 %); 160/320/320 for
+# 18 epochs 77.48 % (78.88 %): not adopted. With the old blocks, the stem over 3 rows instead of 2: 76.42 %
+# (77.14 %).
 # Test, scored once after the report's rebuild of 2026-11-27 (13:59-14:09, every other run cached): 78.79 % with
 # the TTA after 8.2 minutes of training (29-39 s an epoch), against 77.15 % for the old blocks in the build of
 # 11:10-11:59 (7.9 minutes).
