@@ -114,7 +114,8 @@ MNIST_RECIPE = dict(
 # three seeds of the short schedule: 53.77 % against the recipe's 55.43 %, lower for every seed (t = -1.1).
 # Test, scored once in the report's build of 2026-11-27 (08:25-09:19): 87.14 % (validation 87.06 %, with the
 # TTA 87.90 %: the validation run's figures, the runs being deterministic) after 31.0 minutes of training
-# (252-302 s an epoch beside the other lane), against 87.04 % with zeros. Batch 512 at lr 0.75 with EMA 0.992
+# (252-302 s an epoch beside the other lane), against 87.04 % with zeros; the same run took 28.3 minutes in
+# the build of 11:10-11:59 and 30.7 in that of 14:51-15:44 (245-275 s an epoch). Batch 512 at lr 0.75 with EMA 0.992
 # (the same rate per image and the same averaging horizon): 86.58 %, with the TTA 87.48 %, and slower
 # (292-306 s an epoch): not adopted. Alternating flips (``flip="alternate"``: each image mirrored every
 # other epoch, airbench's derandomized flips; 2026-11-27, seed 0, validation only, beside other one-thread jobs):
@@ -197,9 +198,11 @@ MNIST_ROWS_GRU_RECIPE = {**ROWS_GRU_RECIPE, "epochs": 3}     # MNIST's 28 short 
 # (77.14 %).
 # Test, scored once after the report's rebuild of 2026-11-27 (13:59-14:09, every other run cached): 78.79 % with
 # the TTA after 8.2 minutes of training (29-39 s an epoch), against 77.15 % for the old blocks in the build of
-# 11:10-11:59 (7.9 minutes).
+# 11:10-11:59 (7.9 minutes). In the from-scratch build of 2026-11-27 (14:51-15:44): the same 78.79 % (the run is
+# deterministic) after 7.7 minutes of training (29-36 s an epoch, beside the other lane).
 ROWS_CONV1D_RECIPE = dict(
-    epochs=15, batch_size=128, widths=(128, 256, 256),   # M.cifar_rows_conv1d's blocks
+    epochs=15, batch_size=128,
+    widths=(128, 256, 256),                         # M.cifar_rows_conv1d's blocks
     lr=0.1875, momentum=0.85, weight_decay=1.33e-3,  # SGD with Nesterov momentum: CIFAR_RECIPE's values
     warmup=0.2,                                     # warmup_linear_schedule: 20 % up, then down to 0
     label_smoothing=0.2, ema=0.998,                 # smoothed targets; an average of the weights
