@@ -525,8 +525,9 @@ def whitening_conv(x, kernel_size=2, eps=5e-4, components=None, impl="vectorized
     diag(lambda / (lambda + eps)), about the identity (``eps`` in standardised
     units damps the directions of tiny variance, i.e. noise). ``components``: keep
     the K strongest directions (default all D; a patch of two 96-value image rows has
-    192, the weakest of them pixel-to-pixel noise that whitening would amplify most). The standardisation is folded into the weights and bias,
-    so the layer takes the inputs as ``fit`` gives them. Filters K..2K-1 are the negatives
+    192, the weakest of them pixel-to-pixel noise that whitening would amplify most).
+    The standardisation is folded into the weights and bias, so the layer takes the
+    inputs as ``fit`` gives them. Filters K..2K-1 are the negatives
     of 0..K-1, so a following ReLU keeps both signs of every component.
     The covariance is accumulated exactly over all of x (in float64, in chunks):
     pass a few thousand images. The layer has ``trainable = False``.

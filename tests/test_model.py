@@ -539,7 +539,8 @@ def test_cifar_rows_conv1d_is_airbench_blocks_in_1d():
     other_seed = M.cifar_rows_conv1d(seed=1)
     assert not np.array_equal(other_seed.layers[1].params["W"], built.layers[1].params["W"])
     small = M.cifar_rows_conv1d(widths=(4, 4, 4, 4, 4))              # 32 -> 16 -> 8 -> 4 -> 2 -> 1 rows
-    assert small.layers[-1].in_features == 4 and small.forward(np.zeros((1, 3, 32, 32)), training=False).shape == (1, 10)
+    assert small.layers[-1].in_features == 4
+    assert small.forward(np.zeros((1, 3, 32, 32)), training=False).shape == (1, 10)
     with pytest.raises(ValueError, match="6 blocks halve the 32 rows to none; use at most 5 widths"):
         M.cifar_rows_conv1d(widths=(4,) * 6)
     with pytest.raises(ValueError, match="cifar_rows_conv1d: widths must be a non-empty tuple"):
