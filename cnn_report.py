@@ -256,7 +256,8 @@ def load_cifar10():
     except D.DatasetError:
         return I.load_cifar10_jpeg(normalize="standard"), (
             "the **JPEG re-encoded copy** of CIFAR-10 from the offline mirror (same images, labels "
-            "and split as the official set, lossy pixels: about 30 dB PSNR), because the official "
+            "and split as the official set, lossy pixels: JPEG quality 75 with the colour at half "
+            "resolution, about 30 dB PSNR), because the official "
             "archive was not available; accuracies on it are close to, not equal to, official ones")
 
 
