@@ -673,9 +673,8 @@ def cifar_net(widths=(64, 128, 256), whiten=None, num_classes=10, input_size=32,
     if size < 1:
         raise ValueError(f"{where}: input_size {input_size} is too small for {len(widths)} blocks "
                          f"(each halves the size after the 2x2 stem); use fewer widths or larger images")
-    c = widths[-1]
-    layers = [stem, act(impl=impl)] + blocks
-    layers += [MaxPool2D(size, impl=impl), Flatten(), Dense(c, num_classes, impl=impl, dtype=dtype)]
+    layers = [stem, act(impl=impl)] + blocks + [MaxPool2D(size, impl=impl), Flatten(),
+                                                Dense(widths[-1], num_classes, impl=impl, dtype=dtype)]
     model = _airbench_start(layers, seed, init, logit_scale, impl)
     if identity:
         for layer in model.layers[2:]:                  # not the 2x2 stem
